@@ -1,0 +1,76 @@
+"""The MetaRM bilevel update (Algorithm 1 of Dou et al. 2024), on parameter dictionaries.
+
+Notation (DESIGN.md): θ the reward-model parameters, J_θ(X_s) the difference loss on the meta batch,
+L_θ(X_t) the Bradley-Terry loss on the preference batch, η the meta (ascent) learning rate.
+
+    θ_0 = θ,   θ_{i+1} = θ_i + η ∇J(θ_i)   for i < inner_steps        (meta step, gradient ASCENT)
+    first order:  g = ∇_θ' L(θ')  with θ' = θ_inner_steps   (applied to θ by the optimizer)
+    second order: g = ∇_θ L(θ'(θ)) = Π_i (I + η H_J(θ_i)) ∇L(θ')   (exact; H_J the Hessian of J)
+
+Functions here take `params: dict[str, Tensor]` and objectives `params -> scalar`, so they are testable
+on a two-parameter model by hand. The DeepSpeed trainer (rayrlhf/reward_trainer.py) runs the same update
+on an engine; tests check the two agree.
+"""
+from typing import Callable, Dict, List
+
+import torch
+from torch.func import grad
+
+Params = Dict[str, torch.Tensor]
+Objective = Callable[[Params], torch.Tensor]
+HessianVectorProduct = Callable[[Params, Params], Params]
+
+
+def ascent_step(params: Params, gradients: Params, eta: float) -> Params:
+    """One meta step, DESIGN.md step 2: θ' = θ + η ∇_θ J_θ(X_s)."""
+    return {name: value + eta * gradients[name] for name, value in params.items()}
+
+
+def inner_trajectory(params: Params, difference_objective: Objective, eta: float, inner_steps: int) -> List[Params]:
+    """[θ_0, θ_1, ..., θ_inner_steps]: `inner_steps` ascent steps on J, each from the last."""
+    if inner_steps < 1:
+        raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
+    trajectory = [params]
+    for _ in range(inner_steps):
+        trajectory.append(ascent_step(trajectory[-1], grad(difference_objective)(trajectory[-1]), eta))
+    return trajectory
+
+
+def first_order_meta_gradient(
+    params: Params, difference_objective: Objective, preference_objective: Objective, eta: float, inner_steps: int
+) -> Params:
+    """DESIGN.md step 4, first order: ∇_θ' L_θ'(X_t), to be applied to θ (not to θ')."""
+    adapted = inner_trajectory(params, difference_objective, eta, inner_steps)[-1]
+    return grad(preference_objective)(adapted)
+
+
+def second_order_meta_gradient(
+    params: Params, difference_objective: Objective, preference_objective: Objective, eta: float, inner_steps: int
+) -> Params:
+    """The exact gradient ∇_θ L(θ'(θ)), differentiating through the unrolled ascent with torch.func."""
+
+    def loss_after_ascent(theta: Params) -> torch.Tensor:
+        for _ in range(inner_steps):
+            theta = ascent_step(theta, grad(difference_objective)(theta), eta)
+        return preference_objective(theta)
+
+    if inner_steps < 1:
+        raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
+    return grad(loss_after_ascent)(params)
+
+
+def backprop_through_ascent(
+    outer_gradient: Params, trajectory: List[Params], hessian_vector_product: HessianVectorProduct, eta: float
+) -> Params:
+    """The second-order gradient by reverse accumulation, for engines that cannot run torch.func:
+
+        v_k = ∇L(θ_k);   v_i = v_{i+1} + η H_J(θ_i) v_{i+1}   for i = k-1 .. 0;   returns v_0.
+
+    outer_gradient: ∇L at θ_k = trajectory[-1]. hessian_vector_product(θ_i, v) -> H_J(θ_i) v; a
+    data-parallel caller averages it over ranks (it is linear in J, so the average is the global HVP).
+    """
+    vector = outer_gradient
+    for theta in reversed(trajectory[:-1]):
+        curvature = hessian_vector_product(theta, vector)
+        vector = {name: vector[name] + eta * curvature[name] for name in vector}
+    return vector

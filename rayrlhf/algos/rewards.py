@@ -1,0 +1,44 @@
+"""Reward shaping and the reward-difference diagnostics of MetaRM."""
+from typing import Dict
+
+import torch
+
+
+def clip_rewards(rewards: torch.Tensor, clip_value: float) -> torch.Tensor:
+    """Clamp rewards to [-clip_value, clip_value] (the paper clips at 0.8)."""
+    return rewards.clamp(-clip_value, clip_value)
+
+
+def whiten(values: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(values - mean) / std over all elements; with shift_mean=False the mean is added back."""
+    mean, variance = values.mean(), values.var(unbiased=False)
+    whitened = (values - mean) * torch.rsqrt(variance + eps)
+    return whitened if shift_mean else whitened + mean
+
+
+def token_level_rewards(
+    sequence_rewards: torch.Tensor, kl_per_token: torch.Tensor, mask: torch.Tensor, kl_coefficient: float
+) -> torch.Tensor:
+    """Per-token PPO rewards: -β·KL_t on every response token, plus the RM score on the last one.
+
+    sequence_rewards: (B,); kl_per_token, mask: (B, T). Returns (B, T).
+    """
+    rewards = -kl_coefficient * kl_per_token * mask
+    last_token = (mask.cumsum(dim=1) == mask.sum(dim=1, keepdim=True)) & (mask > 0)
+    return rewards + last_token.to(rewards.dtype) * sequence_rewards.unsqueeze(1)
+
+
+def reward_difference_statistics(group_rewards: torch.Tensor) -> Dict[str, float]:
+    """The paper's diagnostic: the distribution of r(x, s_i) - r(x, s_j) over same-prompt pairs i<j.
+
+    group_rewards: (P, k). When the RM stops distinguishing a drifted policy's responses, the variance of
+    these differences collapses. Returns variance, mean absolute difference and the pair count.
+    """
+    k = group_rewards.shape[1]
+    upper = torch.triu(torch.ones(k, k, dtype=torch.bool, device=group_rewards.device), diagonal=1)
+    differences = (group_rewards.unsqueeze(2) - group_rewards.unsqueeze(1))[:, upper].flatten()
+    return {
+        "reward_difference_variance": differences.var(unbiased=False).item(),
+        "reward_difference_mean_abs": differences.abs().mean().item(),
+        "reward_difference_pairs": differences.numel(),
+    }

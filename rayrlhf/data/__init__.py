@@ -1,0 +1,1 @@
+"""Data sources -> HF datasets of preference pairs and response groups -> tokenised, padded batches."""

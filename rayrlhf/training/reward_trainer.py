@@ -1,0 +1,241 @@
+"""The reward model on a DeepSpeed engine: vanilla Bradley-Terry steps and MetaRM bilevel steps.
+
+One instance per rank; every rank is given its own equal share of each global batch, and the engine
+averages gradients over ranks, so the update equals the one-rank update on the whole batch.
+
+The MetaRM step follows the authors' recipe (DESIGN.md): back up θ, ascend J on the meta batch to θ'
+(`inner_steps` times), back-propagate L at θ', restore θ, optimizer step. The backup and the ascent act on
+the tensors the forward pass reads: the whole parameters at ZeRO 0-2, each rank's partition (`ds_tensor`)
+at ZeRO-3. The optimizer's fp32 master copy is never touched until the step, so θ' lives only for one pass.
+"""
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from rayrlhf.algos.metarm import ascent_step, backprop_through_ascent
+from rayrlhf.algos.reward_losses import bradley_terry_loss, difference_loss, preference_accuracy
+from rayrlhf.data.batches import PreferenceBatch, ResponseGroupBatch
+from rayrlhf.models.heads import reward_scores
+from rayrlhf.training.distributed import average_across_ranks
+
+
+class RewardModule(nn.Module):
+    """Wraps a *ForSequenceClassification model so the engine's forward returns r(x, y): (B, T) -> (B,)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return reward_scores(self.model, input_ids, attention_mask)
+
+
+def deepspeed_config(micro_batch_size: int, zero_stage: int, bf16: bool, max_grad_norm: float) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": max_grad_norm,
+        "bf16": {"enabled": bf16},
+        # Gather every ZeRO-3 parameter from its partition on use (no persistent copies), so the
+        # meta step's change to the partition is what the next forward pass sees.
+        "zero_optimization": {"stage": zero_stage, "stage3_param_persistence_threshold": 0},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+
+
+class RewardModelTrainer:
+    """A reward model, its optimizer (torch AdamW at lr alpha) and its DeepSpeed engine."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        alpha: float,
+        eta: float,
+        inner_steps: int,
+        order: str,
+        micro_batch_size: int,
+        zero_stage: int,
+        weight_decay: float = 0.0,
+        adam_eps: float = 1e-8,
+        max_grad_norm: float = 0.0,
+        device: str = "cpu",
+    ):
+        import deepspeed
+
+        self.eta, self.inner_steps, self.order, self.zero_stage = eta, inner_steps, order, zero_stage
+        if order == "second" and zero_stage == 3:
+            raise ValueError("the second-order MetaRM update needs whole parameters; ZeRO-3 partitions them")
+        if order == "second":
+            # Hessian-vector products differentiate the backward pass; fused SDPA kernels have no double backward.
+            model.set_attn_implementation("eager")
+        bf16 = next(model.parameters()).dtype == torch.bfloat16
+        module = RewardModule(model).to(device)
+        # A torch optimizer: no JIT build of DeepSpeed's Adam ops (see STACK.md, gpu/README.md).
+        optimizer = torch.optim.AdamW(module.parameters(), lr=alpha, weight_decay=weight_decay, eps=adam_eps)
+        self.engine, *_ = deepspeed.initialize(
+            model=module,
+            optimizer=optimizer,
+            config=deepspeed_config(micro_batch_size, zero_stage, bf16, max_grad_norm),
+        )
+        self.device = self.engine.device
+
+    # ---- scoring -------------------------------------------------------------------------------
+    def rewards(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.engine(input_ids.to(self.device), attention_mask.to(self.device))
+
+    def _preference_loss(self, batch: PreferenceBatch):
+        rewards = self.rewards(batch.input_ids, batch.attention_mask)
+        chosen, rejected = rewards[: batch.num_pairs], rewards[batch.num_pairs :]
+        return bradley_terry_loss(chosen, rejected), preference_accuracy(chosen, rejected)
+
+    def _difference_loss(self, batch: ResponseGroupBatch) -> torch.Tensor:
+        return difference_loss(self.rewards(batch.input_ids, batch.attention_mask).view(-1, batch.group_size))
+
+    # ---- training steps -----------------------------------------------------------------------
+    def vanilla_step(self, batch: PreferenceBatch) -> Dict[str, float]:
+        """θ ← θ - α ∇L_θ(X_t)."""
+        self.engine.train()
+        loss, accuracy = self._preference_loss(batch)
+        self.engine.backward(loss)
+        self.engine.step()
+        return {"loss": loss.item(), "accuracy": accuracy.item()}
+
+    def metarm_step(self, batch: PreferenceBatch, meta_batch: ResponseGroupBatch) -> Dict[str, float]:
+        """One MetaRM step (Algorithm 1); first or exact second order by construction argument."""
+        self.engine.train()
+        if self.order == "second":
+            return self._second_order_step(batch, meta_batch)
+        live = self._live_tensors()
+        backup = [tensor.detach().clone() for tensor in live]
+        difference_before = None
+        for _ in range(self.inner_steps):
+            difference = self._difference_loss(meta_batch)
+            difference_before = difference.item() if difference_before is None else difference_before
+            self.engine.backward(difference)
+            with torch.no_grad():
+                for tensor, gradient in zip(live, self._reduced_gradients()):
+                    tensor.add_(self.eta * gradient.view_as(tensor).to(tensor.dtype))  # ascent: θ + η∇J
+            self.engine.optimizer.zero_grad()
+        loss, accuracy = self._preference_loss(batch)  # L at θ'
+        self.engine.backward(loss)
+        with torch.no_grad():
+            for tensor, saved in zip(live, backup):
+                tensor.copy_(saved)  # back to θ; the gradient taken at θ' stays
+        self.engine.step()
+        return {"loss": loss.item(), "accuracy": accuracy.item(), "difference_loss": difference_before}
+
+    def _parameters(self) -> List[nn.Parameter]:
+        return [p for p in self.engine.module.parameters() if p.requires_grad]
+
+    def _live_tensors(self) -> List[torch.Tensor]:
+        """The tensors the forward pass reads: whole parameters, or this rank's ZeRO-3 partitions."""
+        if self.zero_stage == 3:
+            from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+            parameters = self._parameters()
+            if any(p.ds_status != ZeroParamStatus.NOT_AVAILABLE for p in parameters):
+                raise RuntimeError("a ZeRO-3 parameter is still gathered; the meta step must change the partition")
+            return [p.ds_tensor.data for p in parameters]
+        return [p.data for p in self._parameters()]
+
+    def _reduced_gradients(self) -> List[torch.Tensor]:
+        """Gradients averaged over ranks, laid out like `_live_tensors`."""
+        from deepspeed.utils import safe_get_full_grad, safe_get_local_grad
+
+        read = safe_get_local_grad if self.zero_stage == 3 else safe_get_full_grad
+        return [read(p) for p in self._parameters()]
+
+    def _second_order_step(self, batch: PreferenceBatch, meta_batch: ResponseGroupBatch) -> Dict[str, float]:
+        """Exact ∇_θ L(θ'(θ)) by reverse accumulation with Hessian-vector products (ZeRO 0-2)."""
+        module = self.engine.module
+        names = [name for name, p in module.named_parameters() if p.requires_grad]
+        theta = {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
+        meta_ids, meta_mask = meta_batch.input_ids.to(self.device), meta_batch.attention_mask.to(self.device)
+        ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
+
+        def difference_at(params):
+            rewards = functional_call(module, params, (meta_ids, meta_mask))
+            return difference_loss(rewards.view(-1, meta_batch.group_size))
+
+        def preference_at(params):
+            rewards = functional_call(module, params, (ids, mask))
+            return bradley_terry_loss(rewards[: batch.num_pairs], rewards[batch.num_pairs :])
+
+        def averaged_gradient(objective, params, vector=None):
+            leaves = {name: params[name].detach().requires_grad_() for name in names}
+            value = objective(leaves)
+            gradients = torch.autograd.grad(value, list(leaves.values()), create_graph=vector is not None)
+            if vector is not None:  # Hessian-vector product: ∇(∇J · v)
+                inner = sum((g * vector[name]).sum() for g, name in zip(gradients, names))
+                gradients = torch.autograd.grad(inner, list(leaves.values()))
+            gradients = [g.detach().clone() for g in gradients]
+            average_across_ranks(gradients)
+            return dict(zip(names, gradients)), value.item()
+
+        trajectory = [theta]
+        difference_before = None
+        for _ in range(self.inner_steps):
+            gradient, difference = averaged_gradient(difference_at, trajectory[-1])
+            difference_before = difference if difference_before is None else difference_before
+            trajectory.append({name: t.detach() for name, t in ascent_step(trajectory[-1], gradient, self.eta).items()})
+        outer, loss = averaged_gradient(preference_at, trajectory[-1])
+        meta_gradient = backprop_through_ascent(
+            outer, trajectory, lambda params, vector: averaged_gradient(difference_at, params, vector)[0], self.eta
+        )
+        # Hand the engine a surrogate whose gradient is the meta-gradient; its rank average is itself.
+        surrogate = sum((p * meta_gradient[name]).sum() for name, p in module.named_parameters() if p.requires_grad)
+        self.engine.backward(surrogate)
+        self.engine.step()
+        with torch.no_grad():
+            rewards = functional_call(module, trajectory[-1], (ids, mask))
+            accuracy = preference_accuracy(rewards[: batch.num_pairs], rewards[batch.num_pairs :])
+        return {"loss": loss, "accuracy": accuracy.item(), "difference_loss": difference_before}
+
+    # ---- evaluation and saving ----------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate_pairs(self, batches) -> Dict[str, float]:
+        """Accuracy and loss over preference batches (this rank's; callers average over ranks)."""
+        self.engine.eval()
+        correct = total = loss_sum = 0.0
+        for batch in batches:
+            rewards = self.rewards(batch.input_ids, batch.attention_mask)
+            chosen, rejected = rewards[: batch.num_pairs], rewards[batch.num_pairs :]
+            correct += (chosen > rejected).sum().item()
+            loss_sum += bradley_terry_loss(chosen, rejected).item() * batch.num_pairs
+            total += batch.num_pairs
+        return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1), "pairs": int(total)}
+
+    @torch.no_grad()
+    def group_rewards(self, batches) -> torch.Tensor:
+        """(P, k) rewards of response groups, e.g. for the reward-difference statistics."""
+        self.engine.eval()
+        return torch.cat([
+            self.rewards(b.input_ids, b.attention_mask).view(-1, b.group_size).cpu() for b in batches
+        ])
+
+    def full_parameters(self) -> Dict[str, torch.Tensor]:
+        """Whole fp32 copies of every parameter (gathered under ZeRO-3), on CPU."""
+        import deepspeed
+
+        parameters = dict(self.engine.module.named_parameters())
+        with deepspeed.zero.GatheredParameters(list(parameters.values()), enabled=self.zero_stage == 3):
+            return {name: p.detach().float().cpu().clone() for name, p in parameters.items()}
+
+    def save(self, folder: Path, tokenizer) -> None:
+        """Write the reward model as a transformers folder (rank 0 writes; all ranks must call)."""
+        import torch.distributed as dist
+
+        from rayrlhf.models.build import save_model
+
+        parameters = list(self.engine.module.parameters())
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(parameters, enabled=self.zero_stage == 3):
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                save_model(self.engine.module.model, tokenizer, Path(folder))
