@@ -8,7 +8,7 @@ L_θ(X_t) the Bradley-Terry loss on the preference batch, η the meta (ascent) l
     second order: g = ∇_θ L(θ'(θ)) = Π_i (I + η H_J(θ_i)) ∇L(θ')   (exact; H_J the Hessian of J)
 
 Functions here take `params: dict[str, Tensor]` and objectives `params -> scalar`, so they are testable
-on a two-parameter model by hand. The DeepSpeed trainer (rayrlhf/reward_trainer.py) runs the same update
+on a two-parameter model by hand. The DeepSpeed trainer (rayrlhf/training/reward_trainer.py) runs the same update
 on an engine; tests check the two agree.
 """
 from typing import Callable, Dict, List

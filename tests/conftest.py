@@ -1,0 +1,25 @@
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+GPT2_TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "gpt2"
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "rayrlhf" / "torch_extensions"))
+
+
+def shared_file(*parts: str) -> Path:
+    """A file under ../shared, or a clean skip when the folder is absent (e.g. outside this workplace)."""
+    path = SHARED_DATA.parent.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent: the real data/tokenizers live in ../shared beside the project")
+    return path
+
+
+@pytest.fixture(scope="session")
+def distributed():
+    """One gloo process group for the tests that build DeepSpeed engines in this process."""
+    from rayrlhf.training.distributed import init_distributed
+
+    init_distributed("cpu")

@@ -1,0 +1,78 @@
+"""A tiny reward model, fixed batches and a DeepSpeed trainer, shared by the trainer tests and run by torchrun.
+
+    python -m torch.distributed.run --nproc_per_node N tests/helpers/tiny_rm.py OUT.pt ZERO_STAGE ORDER
+
+runs STEPS MetaRM steps on the global batches (each rank its share) and has rank 0 save the parameters.
+"""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from rayrlhf.config import ModelSpec, SyntheticTask  # noqa: E402
+from rayrlhf.data.batches import collate_groups, collate_pairs, encode_prompt_response, rank_shard  # noqa: E402
+from rayrlhf.data.synthetic import SyntheticPreferenceTask  # noqa: E402
+from rayrlhf.models.build import build_reward_model  # noqa: E402
+
+ETA, ALPHA, INNER_STEPS, STEPS = 0.05, 1e-2, 2, 3
+PAIRS_PER_STEP, PROMPTS_PER_STEP, K = 4, 2, 3
+ADAM_EPS = 1e-3  # a large eps keeps Adam from magnifying float noise in near-zero gradients
+
+
+def task_and_tokenizer():
+    task = SyntheticPreferenceTask(SyntheticTask(num_prompts=20), seed=0)
+    return task, task.tokenizer()
+
+
+def tiny_reward_model(tokenizer):
+    return build_reward_model(ModelSpec(source="tiny"), tokenizer, seed=0)
+
+
+def global_batches(rank: int = 0, world_size: int = 1):
+    """STEPS (preference batch, meta batch) pairs; each rank gets its contiguous share."""
+    task, tokenizer = task_and_tokenizer()
+    pairs, groups = task.preference_pairs(), task.drifted_response_groups(K)
+
+    def encode(prompt, response):
+        return encode_prompt_response(tokenizer, prompt, response, 32, 16)
+
+    batches = []
+    for step in range(STEPS):
+        rows = rank_shard(list(pairs.select(range(step * PAIRS_PER_STEP, (step + 1) * PAIRS_PER_STEP))), rank, world_size)
+        preference = collate_pairs([encode(r["prompt"], r["chosen"]) for r in rows],
+                                   [encode(r["prompt"], r["rejected"]) for r in rows], tokenizer.pad_token_id)
+        prompts = rank_shard(list(groups.select(range(step * PROMPTS_PER_STEP, (step + 1) * PROMPTS_PER_STEP))), rank, world_size)
+        meta = collate_groups([[encode(g["prompt"], text) for text in g["responses"]] for g in prompts], tokenizer.pad_token_id)
+        batches.append((preference, meta))
+    return batches
+
+
+def make_trainer(zero_stage: int, order: str = "first", world_size: int = 1):
+    from rayrlhf.training.reward_trainer import RewardModelTrainer
+
+    _, tokenizer = task_and_tokenizer()
+    return RewardModelTrainer(
+        tiny_reward_model(tokenizer), alpha=ALPHA, eta=ETA, inner_steps=INNER_STEPS, order=order,
+        micro_batch_size=PAIRS_PER_STEP // world_size, zero_stage=zero_stage, adam_eps=ADAM_EPS,
+    )
+
+
+def main(out: str, zero_stage: int, order: str) -> None:
+    import torch.distributed as dist
+
+    from rayrlhf.training.distributed import init_distributed
+
+    init_distributed("cpu")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    trainer = make_trainer(zero_stage, order, world_size)
+    for preference, meta in global_batches(rank, world_size):
+        trainer.metarm_step(preference, meta)
+    parameters = trainer.full_parameters()
+    if rank == 0:
+        torch.save(parameters, out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])

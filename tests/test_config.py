@@ -1,0 +1,84 @@
+"""Config validation: every bad input is one clear paragraph naming the key, raised before anything runs."""
+import subprocess
+import sys
+
+import pytest
+
+from rayrlhf.config import load_config, save_config
+from rayrlhf.errors import ConfigError
+
+from conftest import ROOT
+
+
+def error_for(*overrides: str) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, overrides)
+    return str(caught.value)
+
+
+def test_defaults_validate_and_round_trip(tmp_path):
+    config = load_config(None, ["reward.eta=1e-4", "reward.inner_steps=3", "seed=7"])
+    assert (config.reward.eta, config.reward.inner_steps, config.seed) == (1e-4, 3, 7)
+    save_config(config, tmp_path / "c.yaml")
+    assert load_config(str(tmp_path / "c.yaml")) == config
+
+
+def test_unknown_key_suggests_the_near_name():
+    message = error_for("reward.inner_step=2")
+    assert "unknown key 'reward.inner_step'" in message and "did you mean 'reward.inner_steps'" in message
+
+
+def test_wrong_type_names_key_and_value():
+    message = error_for("reward.alpha=fast")
+    assert "reward.alpha" in message and "'fast'" in message
+
+
+@pytest.mark.parametrize("override", ["reward.alpha=0", "reward.eta=-1e-5", "ppo.policy_lr=0", "reward.batch_size=0", "reward.meta_batch_size=-2"])
+def test_non_positive_rates_and_batches(override):
+    key, _, value = override.partition("=")
+    message = error_for(override)
+    assert key in message and "greater than 0" in message and value in message
+
+
+def test_inner_steps_below_one():
+    assert "reward.inner_steps" in error_for("reward.inner_steps=0")
+
+
+def test_samples_per_prompt_below_two():
+    assert "reward.samples_per_prompt" in error_for("reward.samples_per_prompt=1")
+
+
+def test_missing_model_path():
+    assert "./no/such/model" in error_for("reward_model.source=./no/such/model")
+
+
+def test_missing_data_file():
+    message = error_for("data.preference.format=tldr", "data.preference.path=missing.jsonl")
+    assert "data.preference" in message and "missing.jsonl" in message and "does not exist" in message
+
+
+def test_batch_must_split_over_ranks():
+    assert "divisible by resources.reward_learner_ranks=3" in error_for("resources.reward_learner_ranks=3")
+
+
+def test_second_order_refuses_zero3():
+    assert "ZeRO-3" in error_for("reward.order=second", "reward.zero_stage=3")
+
+
+def test_override_into_a_value_is_an_error():
+    assert "seed is a value" in error_for("seed=3", "seed.x=1")
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config("nope.yaml")
+
+
+def test_command_line_exits_2_with_one_paragraph():
+    """The CLI prints the culprit on stderr, no traceback, and exits non-zero, before any engine starts."""
+    result = subprocess.run(
+        [sys.executable, "-m", "rayrlhf.train_rm", "conf/rm_tiny.yaml", "reward.inner_stepz=2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "did you mean 'reward.inner_steps'" in result.stderr and "Traceback" not in result.stderr

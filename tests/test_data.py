@@ -1,0 +1,154 @@
+"""Data sources, the prompt-id split, tokenisation and collation, checked against the raw files and by hand."""
+import gzip
+import json
+
+import pytest
+
+from rayrlhf.config import DataSource, SyntheticTask
+from rayrlhf.data.batches import collate_groups, collate_pairs, encode_prompt_response, rank_shard
+from rayrlhf.data.sources import is_eval_prompt, load_preference_pairs, response_groups, split_by_prompt, split_hh_transcript
+from rayrlhf.data.synthetic import SyntheticPreferenceTask
+from rayrlhf.errors import DataError
+
+from conftest import shared_file
+
+SYNTHETIC = SyntheticTask()
+
+
+def tldr_record(choice=0, texts=(" first", " second"), post_id="p1"):
+    return {"info": {"id": post_id, "post": "body", "title": "T", "subreddit": "sub"},
+            "summaries": [{"text": t} for t in texts], "choice": choice}
+
+
+def write_jsonl(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return str(path)
+
+
+def load(fmt, path, **keys):
+    return load_preference_pairs(DataSource(format=fmt, path=path, **keys), SYNTHETIC, seed=0)
+
+
+def test_tldr_real_file_preferred_is_summaries_choice():
+    path = shared_file("data", "tldr", "comparisons_batch13.jsonl")
+    loaded = load("tldr", str(path))
+    raw = [json.loads(line) for line in open(path)]
+    assert len(loaded.pairs) == len(raw) == 1097
+    first = raw[0]
+    assert loaded.pairs[0]["chosen"] == first["summaries"][first["choice"]]["text"]
+    assert loaded.pairs[0]["rejected"] == first["summaries"][1 - first["choice"]]["text"]
+    assert loaded.pairs[0]["prompt"].endswith("TL;DR:") and f"r/{first['info']['subreddit']}" in loaded.pairs[0]["prompt"]
+    assert loaded.pairs[0]["prompt_id"] == first["info"]["id"]
+
+
+def test_tldr_split_by_post_id_never_shares_a_post():
+    loaded = load("tldr", str(shared_file("data", "tldr", "comparisons_batch13.jsonl")))
+    train, held_out = split_by_prompt(loaded.pairs, 0.15, seed=0)
+    assert not set(train["prompt_id"]) & set(held_out["prompt_id"])
+    assert len(train) + len(held_out) == 1097 and 0.08 < len(held_out) / 1097 < 0.25
+    again_train, _ = split_by_prompt(loaded.pairs.shuffle(seed=3), 0.15, seed=0)
+    assert set(again_train["prompt_id"]) == set(train["prompt_id"])  # independent of row order
+
+
+def test_hh_real_file_prompt_ends_with_assistant_turn():
+    path = shared_file("data", "hh", "helpful-base-test.jsonl.gz")
+    loaded = load("hh", str(path))
+    first = json.loads(gzip.open(path, "rt").readline())
+    cut = first["chosen"].rfind("\n\nAssistant:") + len("\n\nAssistant:")
+    assert loaded.pairs[0]["prompt"] == first["chosen"][:cut]
+    assert loaded.pairs[0]["chosen"] == first["chosen"][cut:]
+    assert len(loaded.pairs) + sum(loaded.dropped.values()) == 2354
+
+
+def test_split_hh_transcript_by_hand():
+    assert split_hh_transcript("\n\nHuman: hi\n\nAssistant: yo\n\nHuman: ok?\n\nAssistant: sure") == (
+        "\n\nHuman: hi\n\nAssistant: yo\n\nHuman: ok?\n\nAssistant:", " sure")
+
+
+def test_malformed_json_line_names_file_and_line(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [tldr_record(), '{"info": oops}'])
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: malformed JSON"):
+        load("tldr", path)
+
+
+def test_record_missing_a_field(tmp_path):
+    record = tldr_record()
+    del record["summaries"]
+    path = write_jsonl(tmp_path / "missing.jsonl", [record])
+    with pytest.raises(DataError, match=r"missing\.jsonl:1: record has no field 'summaries'"):
+        load("tldr", path)
+
+
+def test_choice_outside_zero_one(tmp_path):
+    path = write_jsonl(tmp_path / "choice.jsonl", [tldr_record(), tldr_record(choice=2)])
+    with pytest.raises(DataError, match=r"choice\.jsonl:2: choice must be 0 or 1, got 2"):
+        load("tldr", path)
+
+
+def test_identical_pairs_dropped_and_counted(tmp_path):
+    path = write_jsonl(tmp_path / "same.jsonl", [tldr_record(), tldr_record(texts=(" same", " same"), post_id="p2")])
+    loaded = load("tldr", path)
+    assert len(loaded.pairs) == 1 and loaded.dropped == {"chosen equals rejected": 1}
+
+
+def test_generic_jsonl_with_configured_keys(tmp_path):
+    path = write_jsonl(tmp_path / "g.jsonl", [{"q": "Why?", "good": "Because.", "bad": "No."}])
+    pairs = load("jsonl", path, prompt_key="q", chosen_key="good", rejected_key="bad").pairs
+    assert (pairs[0]["prompt"], pairs[0]["chosen"], pairs[0]["rejected"]) == ("Why?", "Because.", "No.")
+    with pytest.raises(DataError, match=r"g\.jsonl:1: record has no field 'prompt'"):
+        load("jsonl", path)
+
+
+def test_parquet_source(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"prompt": ["a", "b"], "chosen": ["x", "y"], "rejected": ["z", "w"]}), tmp_path / "p.parquet")
+    pairs = load("parquet", str(tmp_path / "p.parquet")).pairs
+    assert pairs["chosen"] == ["x", "y"] and pairs["rejected"] == ["z", "w"]
+
+
+def test_response_groups_from_cnndm_have_k_distinct_responses():
+    pairs = load("tldr", str(shared_file("data", "tldr", "comparisons_cnndm0.jsonl"))).pairs
+    groups = response_groups(pairs, samples_per_prompt=4)
+    assert len(groups) == 45 and all(len(set(g)) == 4 for g in groups["responses"])
+    with pytest.raises(DataError, match="no prompt has 5 distinct responses"):
+        response_groups(pairs, samples_per_prompt=5)
+
+
+def test_eval_side_is_a_stable_function_of_the_id():
+    flags = [is_eval_prompt(f"id{i}", 0.25, seed=1) for i in range(2000)]
+    assert flags == [is_eval_prompt(f"id{i}", 0.25, seed=1) for i in range(2000)]
+    assert 0.2 < sum(flags) / 2000 < 0.3
+
+
+def test_truncation_keeps_prompt_end_and_response():
+    tokenizer = SyntheticPreferenceTask(SYNTHETIC, 0).tokenizer()
+    ids = encode_prompt_response(tokenizer, "Q: t1 t2 t3 A:", "w1 w2 w3 w4", max_prompt_tokens=2, max_response_tokens=3)
+    assert tokenizer.convert_ids_to_tokens(ids) == ["t3", "A:", "w1", "w2", "[EOS]"]
+
+
+def test_collation_pads_right_with_masks():
+    batch = collate_pairs([[5, 6, 7]], [[8]], pad_id=0)
+    assert batch.input_ids.tolist() == [[5, 6, 7], [8, 0, 0]] and batch.attention_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    groups = collate_groups([[[1], [2, 3]], [[4], [5]]], pad_id=0)
+    assert groups.group_size == 2 and groups.input_ids.tolist() == [[1, 0], [2, 3], [4, 0], [5, 0]]
+    assert rank_shard(list(range(8)), 1, 2) == [4, 5, 6, 7]
+
+
+def test_synthetic_gold_reward_by_hand():
+    task = SyntheticPreferenceTask(SyntheticTask(max_response_words=3), 0)
+    # relevance 2 (t1, t2), repeats 1 (t1 twice), overlong 4 - 3 = 1  ->  2 - 0.5 - 1 = 0.5
+    assert task.gold_reward("Q: t1 t2 t3 A:", "t1 t2 t1 w5") == 0.5
+
+
+def test_synthetic_pairs_are_gold_ordered_and_drift_reverses_length_preference():
+    task = SyntheticPreferenceTask(SYNTHETIC, 0)
+    pairs, drifted = task.preference_pairs(), task.drifted_pairs()
+    assert all(row["chosen_gold"] > row["rejected_gold"] for row in pairs)
+    assert all(task.gold_reward(r["prompt"], r["chosen"]) == r["chosen_gold"] for r in pairs.select(range(50)))
+
+    def longer_chosen(table):
+        return sum(len(r["chosen"].split()) > len(r["rejected"].split()) for r in table) / len(table)
+
+    assert longer_chosen(pairs) > 0.5 > 0.2 > longer_chosen(drifted)
