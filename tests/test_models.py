@@ -1,0 +1,86 @@
+"""Model building, the reward head's read-out position, and saving as transformers folders."""
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from rayrlhf.config import ModelSpec, SyntheticTask
+from rayrlhf.data.synthetic import SyntheticPreferenceTask
+from rayrlhf.errors import ModelSourceError
+from rayrlhf.models.build import build_causal_lm, build_reward_model, load_tokenizer, save_model
+from rayrlhf.models.heads import last_token_index, reward_scores, token_values
+
+from conftest import shared_file
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return SyntheticPreferenceTask(SyntheticTask(), 0).tokenizer()
+
+
+def test_last_token_index_left_and_right_padding():
+    mask = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1], [1, 1, 1, 1]])
+    assert last_token_index(mask).tolist() == [1, 3, 3]
+
+
+def test_reward_is_read_at_the_last_real_token(tokenizer):
+    """Padding must not change a sequence's reward: padded batch == each sequence alone."""
+    model = build_reward_model(ModelSpec(source="tiny"), tokenizer).eval()
+    ids = torch.tensor([[5, 6, 7, 1], [8, 9, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    batched = reward_scores(model, ids, mask)
+    alone = torch.stack([reward_scores(model, ids[i : i + 1, : mask[i].sum()], mask[i : i + 1, : mask[i].sum()])[0] for i in range(2)])
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
+    values = token_values(model, ids, mask)
+    assert values.shape == (2, 4)
+    torch.testing.assert_close(values[1, 1], batched[1], atol=1e-5, rtol=1e-5)  # same head, same position
+
+
+def test_tiny_models_are_seeded(tokenizer):
+    first = build_causal_lm(ModelSpec(source="tiny"), tokenizer, seed=3)
+    second = build_causal_lm(ModelSpec(source="tiny"), tokenizer, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters()))
+
+
+def test_save_and_reload_as_transformers_folder(tmp_path, tokenizer):
+    model = build_reward_model(ModelSpec(source="tiny"), tokenizer).eval()
+    save_model(model, tokenizer, tmp_path / "rm")
+    assert (tmp_path / "rm" / "model.safetensors").exists() and not (tmp_path / "rm.tmp").exists()
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    ids, mask = torch.tensor([[4, 7, 9]]), torch.ones(1, 3, dtype=torch.long)
+    torch.testing.assert_close(reward_scores(reloaded, ids, mask), reward_scores(model, ids, mask))
+    assert AutoTokenizer.from_pretrained(tmp_path / "rm").pad_token == "[PAD]"
+
+
+def test_missing_model_folder_is_a_clear_error():
+    with pytest.raises(ModelSourceError, match="no/such/folder"):
+        build_reward_model(ModelSpec.model_construct(source="./no/such/folder", tiny=ModelSpec().tiny, dtype="float32",
+                                                     tokenizer=None, trust_remote_code=False), None)
+
+
+def test_folder_without_config_is_rejected(tmp_path):
+    with pytest.raises(ModelSourceError, match="no config.json"):
+        load_tokenizer(ModelSpec(source=str(tmp_path)))
+
+
+def test_tiny_with_real_gpt2_tokenizer():
+    spec = ModelSpec(source="tiny", tokenizer=str(shared_file("tokenizers", "gpt2")))
+    tokenizer = load_tokenizer(spec)
+    assert tokenizer("Hello world")["input_ids"] == [15496, 995]
+    assert build_reward_model(spec, tokenizer).config.vocab_size == len(tokenizer)
+
+
+def test_minilm_package_backbone_with_fresh_head():
+    spec = ModelSpec(source="minilm")
+    tokenizer = load_tokenizer(spec)
+    model = build_reward_model(spec, tokenizer)
+    assert 22_000_000 < sum(p.numel() for p in model.parameters()) < 23_500_000
+    assert reward_scores(model, torch.tensor([[101, 7592, 102]]), torch.ones(1, 3, dtype=torch.long)).shape == (1,)
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_fixes_the_eos_trap():
+    spec = ModelSpec(source="smollm2")
+    tokenizer = load_tokenizer(spec)
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == 2
+    model = build_reward_model(spec, tokenizer)
+    assert 134_000_000 < sum(p.numel() for p in model.parameters()) < 135_000_000
