@@ -19,8 +19,9 @@ from tqdm import tqdm
 
 from rayrlhf.algos.rewards import reward_difference_statistics
 from rayrlhf.config import RunConfig, load_config, save_config
+from rayrlhf.data.batches import collate_groups
 from rayrlhf.data.reward_data import RewardData, group_batches, prepare_reward_data, preference_batches, task_tokenizer
-from rayrlhf.errors import RayRLHFError
+from rayrlhf.errors import ConfigError, RayRLHFError
 from rayrlhf.metrics import MetricsLogger
 from rayrlhf.models.build import build_reward_model, load_tokenizer
 from rayrlhf.training.distributed import init_distributed
@@ -60,8 +61,6 @@ def evaluate(trainer: RewardModelTrainer, data: RewardData, config: RunConfig, p
         target = trainer.evaluate_pairs(preference_batches(data.target, size, pad_id, 0, 1, None))
         results.update({f"target_{k}": v for k, v in target.items()})
     if data.meta:
-        from rayrlhf.data.batches import collate_groups
-
         groups = [collate_groups(data.meta[i : i + size], pad_id) for i in range(0, len(data.meta), size)]
         results.update(reward_difference_statistics(trainer.group_rewards(groups)))
     return results
@@ -69,6 +68,11 @@ def evaluate(trainer: RewardModelTrainer, data: RewardData, config: RunConfig, p
 
 def train_reward_model(config: RunConfig, rank: int = 0, world_size: int = 1) -> Dict[str, float]:
     """The whole job; returns the final evaluation. Rank 0 writes the run directory."""
+    if world_size != config.resources.reward_learner_ranks:
+        raise ConfigError(
+            f"started with {world_size} ranks but resources.reward_learner_ranks={config.resources.reward_learner_ranks}; "
+            "make them equal (the global batch is split by the configured count)"
+        )
     seed_everything(config.seed)
     tokenizer = load_tokenizer(config.reward_model, task_tokenizer(config.data, config.seed))
     metarm = config.reward.method == "metarm"

@@ -82,3 +82,22 @@ def test_command_line_exits_2_with_one_paragraph():
     )
     assert result.returncode == 2
     assert "did you mean 'reward.inner_steps'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_command_line_names_the_bad_data_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{not json\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "rayrlhf.train_rm", "conf/rm_tiny.yaml", "data.preference.format=jsonl",
+         f"data.preference.path={bad}", "reward.method=vanilla", "reward_model.source=minilm"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert f"{bad}:2: malformed JSON" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_rank_count_must_match_the_config():
+    from rayrlhf.train_rm import train_reward_model
+
+    with pytest.raises(ConfigError, match="started with 2 ranks but resources.reward_learner_ranks=1"):
+        train_reward_model(load_config(None), rank=0, world_size=2)

@@ -82,7 +82,7 @@ def preference_batches(
     stop = len(order) - len(order) % batch_size if shuffle_seed is not None else len(order)
     for start in range(0, stop, batch_size):
         chunk = [pairs[i] for i in order[start : start + batch_size]]
-        local = rank_shard(chunk, rank, world_size) if len(chunk) >= world_size else chunk
+        local = rank_shard(chunk, rank, world_size)
         yield collate_pairs([c for c, _ in local], [r for _, r in local], pad_id)
 
 
@@ -90,6 +90,8 @@ def group_batches(
     groups: List[List[TokenIds]], batch_size: int, pad_id: int, rank: int, world_size: int, seed: int
 ) -> Iterator[ResponseGroupBatch]:
     """Endless meta batches of `batch_size` prompts (k responses each), reshuffled each pass, this rank's share."""
+    if len(groups) < batch_size:
+        raise ConfigError(f"reward.meta_batch_size={batch_size} exceeds the {len(groups)} meta prompts available")
     rng = random.Random(seed)
     while True:
         order = list(range(len(groups)))
@@ -97,5 +99,3 @@ def group_batches(
         for start in range(0, len(order) - batch_size + 1, batch_size):
             chunk = [groups[i] for i in order[start : start + batch_size]]
             yield collate_groups(rank_shard(chunk, rank, world_size), pad_id)
-        if len(groups) < batch_size:
-            raise ConfigError(f"reward.meta_batch_size={batch_size} exceeds the {len(groups)} meta prompts available")

@@ -9,7 +9,6 @@ import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Dict, Iterator, List, Tuple
 
 import datasets

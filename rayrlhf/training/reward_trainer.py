@@ -9,7 +9,7 @@ the tensors the forward pass reads: the whole parameters at ZeRO 0-2, each rank'
 at ZeRO-3. The optimizer's fp32 master copy is never touched until the step, so θ' lives only for one pass.
 """
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from torch import nn
@@ -18,6 +18,7 @@ from torch.func import functional_call
 from rayrlhf.algos.metarm import ascent_step, backprop_through_ascent
 from rayrlhf.algos.reward_losses import bradley_terry_loss, difference_loss, preference_accuracy
 from rayrlhf.data.batches import PreferenceBatch, ResponseGroupBatch
+from rayrlhf.models.build import save_model
 from rayrlhf.models.heads import reward_scores
 from rayrlhf.training.distributed import average_across_ranks
 
@@ -229,13 +230,10 @@ class RewardModelTrainer:
 
     def save(self, folder: Path, tokenizer) -> None:
         """Write the reward model as a transformers folder (rank 0 writes; all ranks must call)."""
+        import deepspeed
         import torch.distributed as dist
 
-        from rayrlhf.models.build import save_model
-
         parameters = list(self.engine.module.parameters())
-        import deepspeed
-
         with deepspeed.zero.GatheredParameters(parameters, enabled=self.zero_stage == 3):
             if not dist.is_initialized() or dist.get_rank() == 0:
                 save_model(self.engine.module.model, tokenizer, Path(folder))
