@@ -23,3 +23,10 @@ def distributed():
     from rayrlhf.training.distributed import init_distributed
 
     init_distributed("cpu")
+
+
+def child_env() -> dict:
+    """This process's environment minus the process-group variables `distributed` set, so a child
+    process (a CLI run, torchrun) forms its own group on its own port."""
+    names = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+    return {key: value for key, value in os.environ.items() if key not in names}

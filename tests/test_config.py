@@ -7,7 +7,7 @@ import pytest
 from rayrlhf.config import load_config, save_config
 from rayrlhf.errors import ConfigError
 
-from conftest import ROOT
+from conftest import ROOT, child_env
 
 
 def error_for(*overrides: str) -> str:
@@ -78,7 +78,7 @@ def test_command_line_exits_2_with_one_paragraph():
     """The CLI prints the culprit on stderr, no traceback, and exits non-zero, before any engine starts."""
     result = subprocess.run(
         [sys.executable, "-m", "rayrlhf.train_rm", "conf/rm_tiny.yaml", "reward.inner_stepz=2"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2
     assert "did you mean 'reward.inner_steps'" in result.stderr and "Traceback" not in result.stderr
@@ -90,7 +90,7 @@ def test_command_line_names_the_bad_data_line(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "rayrlhf.train_rm", "conf/rm_tiny.yaml", "data.preference.format=jsonl",
          f"data.preference.path={bad}", "reward.method=vanilla", "reward_model.source=minilm"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2
     assert f"{bad}:2: malformed JSON" in result.stderr and "Traceback" not in result.stderr

@@ -11,7 +11,7 @@ from rayrlhf.algos.reward_losses import bradley_terry_loss, difference_loss
 from rayrlhf.training.distributed import free_port
 from rayrlhf.training.reward_trainer import RewardModule
 
-from conftest import ROOT
+from conftest import ROOT, child_env
 from helpers import tiny_rm
 
 pytestmark = pytest.mark.slow
@@ -98,7 +98,7 @@ def run_ranks(tmp_path, ranks: int, zero_stage: int):
     out = tmp_path / f"params_{ranks}_{zero_stage}.pt"
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", f"--master_port={free_port()}",
                str(ROOT / "tests" / "helpers" / "tiny_rm.py"), str(out), str(zero_stage), "first"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(out)
 
