@@ -24,7 +24,7 @@ from rayrlhf.data.reward_data import RewardData, group_batches, prepare_reward_d
 from rayrlhf.errors import ConfigError, RayRLHFError
 from rayrlhf.metrics import MetricsLogger
 from rayrlhf.models.build import build_reward_model, load_tokenizer
-from rayrlhf.training.distributed import init_distributed
+from rayrlhf.training.distributed import init_distributed, shutdown_distributed
 from rayrlhf.training.reward_trainer import RewardModelTrainer
 
 log = logging.getLogger("rayrlhf.train_rm")
@@ -141,6 +141,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except RayRLHFError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    shutdown_distributed()
     return 0
 
 

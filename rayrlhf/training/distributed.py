@@ -39,3 +39,10 @@ def average_across_ranks(tensors: Iterable[torch.Tensor]) -> None:
     for tensor in tensors:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         tensor.div_(world_size)
+
+
+def shutdown_distributed() -> None:
+    """Wait for every rank, then tear the group down: exiting with a live group can abort in the comm threads."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

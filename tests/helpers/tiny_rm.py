@@ -62,7 +62,7 @@ def make_trainer(zero_stage: int, order: str = "first", world_size: int = 1):
 def main(out: str, zero_stage: int, order: str) -> None:
     import torch.distributed as dist
 
-    from rayrlhf.training.distributed import init_distributed
+    from rayrlhf.training.distributed import init_distributed, shutdown_distributed
 
     init_distributed("cpu")
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -72,6 +72,7 @@ def main(out: str, zero_stage: int, order: str) -> None:
     parameters = trainer.full_parameters()
     if rank == 0:
         torch.save(parameters, out)
+    shutdown_distributed()
 
 
 if __name__ == "__main__":
