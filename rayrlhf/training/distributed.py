@@ -1,6 +1,7 @@
 """torch.distributed set-up for DeepSpeed: gloo on CPU, NCCL on GPU, one process per rank."""
 import os
 import socket
+import sys
 from typing import Iterable
 
 import torch
@@ -42,7 +43,18 @@ def average_across_ranks(tensors: Iterable[torch.Tensor]) -> None:
 
 
 def shutdown_distributed() -> None:
-    """Wait for every rank, then tear the group down: exiting with a live group can abort in the comm threads."""
-    if dist.is_initialized():
-        dist.barrier()
+    """Wait for every rank, then end the process group.
+
+    With several gloo ranks on CPU, interpreter teardown after DeepSpeed's shared-memory comm op has run
+    sometimes aborts ("terminate called without an active exception", seen in CI after all work was done).
+    So a rank of a multi-rank group leaves with os._exit once its output is flushed; one rank tears down normally.
+    """
+    if not dist.is_initialized():
+        return
+    if dist.get_world_size() == 1:
         dist.destroy_process_group()
+        return
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
