@@ -106,6 +106,9 @@ class DataConfig(Schema):
     task samples them from its drifted policy; the Ray loop samples them from the current policy."""
     target_eval: Optional[DataSource] = None
     """Labelled pairs of the target domain, to report out-of-distribution accuracy."""
+    meta_prompts: Optional[DataSource] = None
+    """Ray loop, out-of-distribution setting: the policy samples the meta data on these prompts (the target
+    domain; only their prompts are read). Default: the training prompts."""
     eval_fraction: float = Field(0.1, gt=0, lt=1)
     max_prompt_tokens: int = Field(256, gt=0)
     max_response_tokens: int = Field(64, gt=0)
@@ -126,6 +129,16 @@ class RewardTrainingConfig(Schema):
     """Global meta prompts per step, each with samples_per_prompt responses."""
     samples_per_prompt: int = Field(5, ge=2)
     """k responses per prompt in the meta batch; J needs pairs, so k >= 2."""
+    meta_source: Literal["policy", "data"] = "policy"
+    """Ray loop: `policy` samples the meta data from the current policy each round (the paper); `data` uses
+    the fixed groups of data.meta (or the synthetic task's drifted region)."""
+    meta_prompts_per_round: int = Field(16, gt=0)
+    """Ray loop: prompts the policy answers k times each round to build the meta data."""
+    reset_each_round: bool = False
+    """Ray loop: start each round's RM training from the initial RM instead of the previous round's."""
+    initial_epochs: int = Field(1, ge=0)
+    """Ray loop: vanilla epochs on the preference data before round 1 (0: use the RM as loaded)."""
+    initial_max_steps: Optional[int] = Field(None, gt=0)
     epochs: int = Field(1, gt=0)
     max_steps: Optional[int] = Field(None, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -154,7 +167,20 @@ class PPOConfig(Schema):
     epochs: int = Field(1, gt=0)
     mini_batches: int = Field(1, gt=0)
     rollout_batch_size: int = Field(16, gt=0)
+    """Prompts per PPO step (each answered rollout.n_per_prompt times)."""
+    steps_per_round: int = Field(4, gt=0)
+    zero_stage: Literal[0, 1, 2] = 0
+    max_grad_norm: float = Field(1.0, ge=0)
     critic_from_reward_model: bool = True
+    """Initialise the critic from the trained RM (the paper); needs policy and RM to share a tokenizer."""
+
+
+class SFTConfig(Schema):
+    """Optional supervised warm-up of the policy on the chosen responses before RL (steps 0: none)."""
+
+    steps: int = Field(0, ge=0)
+    batch_size: int = Field(16, gt=0)
+    lr: float = Field(1e-4, gt=0)
 
 
 class RolloutConfig(Schema):
@@ -170,6 +196,10 @@ class ResourcesConfig(Schema):
     reward_learner_ranks: int = Field(1, gt=0)
     ppo_ranks: int = Field(1, gt=0)
     rollout_workers: int = Field(1, gt=0)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    """CPUs reserved for each actor (rollout worker, reward-learner rank, PPO rank); fractions share a core."""
+    gpus_per_actor: float = Field(1.0, ge=0)
+    """GPUs reserved for each actor when device is cuda."""
 
 
 class RunConfig(Schema):
@@ -182,9 +212,13 @@ class RunConfig(Schema):
     ppo: PPOConfig = PPOConfig()
     rollout: RolloutConfig = RolloutConfig()
     resources: ResourcesConfig = ResourcesConfig()
+    sft: SFTConfig = SFTConfig()
     rounds: int = Field(3, gt=0)
     run_dir: str = "runs/default"
     seed: int = 0
+    resume: bool = False
+    """Continue from the last checkpoint in run_dir."""
+    keep_checkpoints: int = Field(2, gt=0)
 
     @model_validator(mode="after")
     def _batches_split_over_ranks(self):
@@ -195,6 +229,25 @@ class RunConfig(Schema):
                     f"reward.{name}={getattr(self.reward, name)} must be divisible by "
                     f"resources.reward_learner_ranks={ranks} (each rank takes an equal share)"
                 )
+        ppo_ranks = self.resources.ppo_ranks
+        if (self.ppo.rollout_batch_size * self.rollout.n_per_prompt) % (ppo_ranks * self.ppo.mini_batches):
+            raise ValueError(
+                f"ppo.rollout_batch_size × rollout.n_per_prompt = {self.ppo.rollout_batch_size * self.rollout.n_per_prompt} "
+                f"responses must split evenly over resources.ppo_ranks={ppo_ranks} × ppo.mini_batches={self.ppo.mini_batches}"
+            )
+        if self.sft.steps and self.sft.batch_size % ppo_ranks:
+            raise ValueError(f"sft.batch_size={self.sft.batch_size} must be divisible by resources.ppo_ranks={ppo_ranks}")
+        reward, data = self.reward, self.data
+        if reward.method == "metarm" and reward.meta_source == "data" and data.meta is None and data.preference.format != "synthetic":
+            raise ValueError(
+                "reward.method='metarm' with reward.meta_source='data' needs meta data: set data.meta (responses "
+                "grouped by prompt, e.g. the target domain), or reward.meta_source='policy' to sample it from the policy"
+            )
+        if reward.method == "metarm" and reward.meta_source == "policy" and reward.meta_batch_size > reward.meta_prompts_per_round:
+            raise ValueError(
+                f"reward.meta_batch_size={reward.meta_batch_size} exceeds reward.meta_prompts_per_round="
+                f"{reward.meta_prompts_per_round}: each round samples only that many meta prompts"
+            )
         if self.reward.method == "metarm" and self.reward.order == "second" and self.reward.zero_stage == 3:
             raise ValueError(
                 "reward.order='second' needs whole parameters on every rank; ZeRO-3 partitions them. "

@@ -17,15 +17,13 @@ from typing import Dict, List, Optional
 import torch
 from tqdm import tqdm
 
-from rayrlhf.algos.rewards import reward_difference_statistics
 from rayrlhf.config import RunConfig, load_config, save_config
-from rayrlhf.data.batches import collate_groups
-from rayrlhf.data.reward_data import RewardData, group_batches, prepare_reward_data, preference_batches, task_tokenizer
+from rayrlhf.data.reward_data import RewardData, group_batches, prepare_reward_data, task_tokenizer
 from rayrlhf.errors import ConfigError, RayRLHFError
 from rayrlhf.metrics import MetricsLogger
 from rayrlhf.models.build import build_reward_model, load_tokenizer
-from rayrlhf.training.distributed import init_distributed, shutdown_distributed
-from rayrlhf.training.reward_trainer import RewardModelTrainer
+from rayrlhf.training.distributed import init_distributed, exit_distributed_process
+from rayrlhf.training.reward_trainer import RewardModelTrainer, evaluate_reward_data, train_steps
 
 log = logging.getLogger("rayrlhf.train_rm")
 
@@ -53,19 +51,6 @@ def build_trainer(config: RunConfig, tokenizer, world_size: int) -> RewardModelT
     )
 
 
-def evaluate(trainer: RewardModelTrainer, data: RewardData, config: RunConfig, pad_id: int) -> Dict[str, float]:
-    """In-distribution and target accuracy, and the reward-difference statistics on the meta groups."""
-    size = config.reward.eval_batch_size
-    results = {f"eval_{k}": v for k, v in trainer.evaluate_pairs(preference_batches(data.evaluation, size, pad_id, 0, 1, None)).items()}
-    if data.target:
-        target = trainer.evaluate_pairs(preference_batches(data.target, size, pad_id, 0, 1, None))
-        results.update({f"target_{k}": v for k, v in target.items()})
-    if data.meta:
-        groups = [collate_groups(data.meta[i : i + size], pad_id) for i in range(0, len(data.meta), size)]
-        results.update(reward_difference_statistics(trainer.group_rewards(groups)))
-    return results
-
-
 def train_reward_model(config: RunConfig, rank: int = 0, world_size: int = 1) -> Dict[str, float]:
     """The whole job; returns the final evaluation. Rank 0 writes the run directory."""
     if world_size != config.resources.reward_learner_ranks:
@@ -86,7 +71,7 @@ def train_reward_model(config: RunConfig, rank: int = 0, world_size: int = 1) ->
         save_config(config, run_dir / "config.yaml")
     metrics = MetricsLogger(run_dir, enabled=is_writer)
     pad_id = tokenizer.pad_token_id
-    before = evaluate(trainer, data, config, pad_id)
+    before = evaluate_reward_data(trainer, data, config.reward.eval_batch_size, pad_id)
     metrics.log("eval", 0, before)
 
     steps_per_epoch = len(data.train) // config.reward.batch_size
@@ -94,19 +79,18 @@ def train_reward_model(config: RunConfig, rank: int = 0, world_size: int = 1) ->
     if config.reward.max_steps:
         total = min(total, config.reward.max_steps)
     meta_batches = group_batches(data.meta, config.reward.meta_batch_size, pad_id, rank, world_size, config.seed) if metarm else None
-    step, started = 0, time.perf_counter()
+    started = time.perf_counter()
     with tqdm(total=total, desc=f"reward model ({config.reward.method})", disable=not is_writer, file=sys.stderr) as bar:
-        for epoch in range(config.reward.epochs):
-            batches = preference_batches(data.train, config.reward.batch_size, pad_id, rank, world_size, config.seed + epoch)
-            for batch in batches:
-                if step >= total:
-                    break
-                values = trainer.metarm_step(batch, next(meta_batches)) if metarm else trainer.vanilla_step(batch)
-                step += 1
-                metrics.log("train", step, values)
-                bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['accuracy']:.2f}")
-                bar.update()
-    after = evaluate(trainer, data, config, pad_id)
+        def on_step(step: int, values: Dict[str, float]) -> None:
+            metrics.log("train", step, values)
+            bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['accuracy']:.2f}")
+            bar.update()
+
+        history = train_steps(trainer, data.train, pad_id, batch_size=config.reward.batch_size, epochs=config.reward.epochs,
+                              max_steps=total, rank=rank, world_size=world_size, seed=config.seed,
+                              meta_batches=meta_batches, on_step=on_step)
+    step = len(history)
+    after = evaluate_reward_data(trainer, data, config.reward.eval_batch_size, pad_id)
     after["train_seconds"] = time.perf_counter() - started
     after["steps"] = step
     metrics.log("eval", step, after)
@@ -141,7 +125,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except RayRLHFError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    shutdown_distributed()
+    exit_distributed_process()
     return 0
 
 

@@ -78,3 +78,24 @@ def explained_variance(predictions: torch.Tensor, targets: torch.Tensor, mask: t
     residual = targets - predictions
     residual_variance = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
     return 1.0 - residual_variance / target_variance.clamp(min=1e-8)
+
+
+def gather_log_probs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] at each position. logits (B, T, V), tokens (B, T) -> (B, T)."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """H(softmax(logits)) = logsumexp(z) - Σ p z at each position. (B, T, V) -> (B, T)."""
+    logits = logits.float()
+    probabilities = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probabilities * logits).sum(dim=-1)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, total: torch.Tensor, total_squares: torch.Tensor,
+                  count: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(values - μ) / σ on the masked positions, zero elsewhere, with μ and σ² taken from sums over the
+    whole batch (Σv, Σv², n; summed over ranks by the caller), so every rank whitens alike. (B, T) -> (B, T)."""
+    mean = total / count
+    variance = (total_squares / count - mean**2).clamp(min=0)
+    return (values - mean) * torch.rsqrt(variance + eps) * mask

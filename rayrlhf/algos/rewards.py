@@ -42,3 +42,19 @@ def reward_difference_statistics(group_rewards: torch.Tensor) -> Dict[str, float
         "reward_difference_mean_abs": differences.abs().mean().item(),
         "reward_difference_pairs": differences.numel(),
     }
+
+
+def gold_pair_accuracy(rewards: torch.Tensor, gold: torch.Tensor) -> Dict[str, float]:
+    """How often the RM orders two same-prompt responses as the gold reward does.
+
+    rewards, gold: (P, k). Every pair i<j of a prompt with gold_i != gold_j counts once; the RM is right
+    when sign(r_i - r_j) == sign(gold_i - gold_j). Returns accuracy and the number of pairs.
+    """
+    k = rewards.shape[1]
+    upper = torch.triu(torch.ones(k, k, dtype=torch.bool, device=rewards.device), diagonal=1)
+    reward_differences = (rewards.unsqueeze(2) - rewards.unsqueeze(1))[:, upper]
+    gold_differences = (gold.unsqueeze(2) - gold.unsqueeze(1))[:, upper]
+    labelled = gold_differences != 0
+    correct = (torch.sign(reward_differences) == torch.sign(gold_differences)) & labelled
+    pairs = int(labelled.sum())
+    return {"gold_pair_accuracy": correct.sum().item() / max(pairs, 1), "gold_pairs": pairs}

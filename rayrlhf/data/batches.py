@@ -79,3 +79,8 @@ def rank_shard(items: Sequence, rank: int, world_size: int) -> list:
     """This rank's contiguous, equal share of a global batch (sizes are validated divisible up front)."""
     share = len(items) // world_size
     return list(items[rank * share : (rank + 1) * share])
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_prompt_tokens: int) -> List[TokenIds]:
+    """Prompt token ids for generation, keeping each prompt's last max_prompt_tokens (as encode_prompt_response)."""
+    return [tokenizer(p, add_special_tokens=False)["input_ids"][-max_prompt_tokens:] for p in prompts]

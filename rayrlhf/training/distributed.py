@@ -15,15 +15,20 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def init_distributed(device: str, rank: int = 0, world_size: int = 1, master_port: int = 0) -> None:
+def init_distributed(device: str, rank: int = 0, world_size: int = 1, master_port: int = 0, master_addr: str = "") -> None:
     """Join (or form) the process group. DeepSpeed needs the env variables set, else it tries MPI discovery.
 
-    A single process gets a fresh loopback port of its own, so several runs on one machine do not collide.
+    Under torchrun the variables are already set and kept. A Ray actor passes master_addr and master_port
+    explicitly (its rank 0's address), which override them. A single process gets a fresh loopback port of
+    its own, so several runs on one machine do not collide.
     """
     if dist.is_initialized():
         return
     import deepspeed
 
+    if master_addr:
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                          LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(master_port or free_port()))
     os.environ.setdefault("RANK", str(rank))
@@ -42,8 +47,17 @@ def average_across_ranks(tensors: Iterable[torch.Tensor]) -> None:
         tensor.div_(world_size)
 
 
-def shutdown_distributed() -> None:
-    """Wait for every rank, then end the process group.
+def teardown_distributed() -> None:
+    """Wait for every rank, then end the process group (for processes that live on, e.g. Ray actors)."""
+    if not dist.is_initialized():
+        return
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def exit_distributed_process() -> None:
+    """End a command-line rank's process group at the end of its work.
 
     With several gloo ranks on CPU, interpreter teardown after DeepSpeed's shared-memory comm op has run
     sometimes aborts ("terminate called without an active exception", seen in CI after all work was done).

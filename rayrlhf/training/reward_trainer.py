@@ -9,7 +9,7 @@ the tensors the forward pass reads: the whole parameters at ZeRO 0-2, each rank'
 at ZeRO-3. The optimizer's fp32 master copy is never touched until the step, so θ' lives only for one pass.
 """
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 from torch import nn
@@ -17,7 +17,9 @@ from torch.func import functional_call
 
 from rayrlhf.algos.metarm import ascent_step, backprop_through_ascent
 from rayrlhf.algos.reward_losses import bradley_terry_loss, difference_loss, preference_accuracy
-from rayrlhf.data.batches import PreferenceBatch, ResponseGroupBatch
+from rayrlhf.algos.rewards import reward_difference_statistics
+from rayrlhf.data.batches import PreferenceBatch, ResponseGroupBatch, collate_groups
+from rayrlhf.data.reward_data import RewardData, TokenisedPair, preference_batches
 from rayrlhf.models.build import save_model
 from rayrlhf.models.heads import reward_scores
 from rayrlhf.training.distributed import average_across_ranks
@@ -237,3 +239,35 @@ class RewardModelTrainer:
         with deepspeed.zero.GatheredParameters(parameters, enabled=self.zero_stage == 3):
             if not dist.is_initialized() or dist.get_rank() == 0:
                 save_model(self.engine.module.model, tokenizer, Path(folder))
+
+
+def train_steps(
+    trainer: RewardModelTrainer, pairs: List[TokenisedPair], pad_id: int, *, batch_size: int, epochs: int,
+    max_steps: Optional[int], rank: int, world_size: int, seed: int,
+    meta_batches: Optional[Iterator[ResponseGroupBatch]] = None,
+    on_step: Optional[Callable[[int, Dict[str, float]], None]] = None,
+) -> List[Dict[str, float]]:
+    """Epochs of global batches (this rank's share), MetaRM steps when meta batches are given, else vanilla.
+    Epoch e shuffles with seed + e. Returns each step's metrics."""
+    history: List[Dict[str, float]] = []
+    for epoch in range(epochs):
+        for batch in preference_batches(pairs, batch_size, pad_id, rank, world_size, seed + epoch):
+            if max_steps is not None and len(history) >= max_steps:
+                return history
+            values = trainer.metarm_step(batch, next(meta_batches)) if meta_batches else trainer.vanilla_step(batch)
+            history.append(values)
+            if on_step:
+                on_step(len(history), values)
+    return history
+
+
+def evaluate_reward_data(trainer: RewardModelTrainer, data: RewardData, batch_size: int, pad_id: int) -> Dict[str, float]:
+    """Held-out and target accuracy, and the reward-difference statistics on the meta groups (whole sets, every rank)."""
+    results = {f"eval_{k}": v for k, v in trainer.evaluate_pairs(preference_batches(data.evaluation, batch_size, pad_id, 0, 1, None)).items()}
+    if data.target:
+        target = trainer.evaluate_pairs(preference_batches(data.target, batch_size, pad_id, 0, 1, None))
+        results.update({f"target_{k}": v for k, v in target.items()})
+    if data.meta:
+        groups = [collate_groups(data.meta[i : i + batch_size], pad_id) for i in range(0, len(data.meta), batch_size)]
+        results.update(reward_difference_statistics(trainer.group_rewards(groups)))
+    return results

@@ -62,7 +62,7 @@ def make_trainer(zero_stage: int, order: str = "first", world_size: int = 1):
 def main(out: str, zero_stage: int, order: str) -> None:
     import torch.distributed as dist
 
-    from rayrlhf.training.distributed import init_distributed, shutdown_distributed
+    from rayrlhf.training.distributed import init_distributed, exit_distributed_process
 
     init_distributed("cpu")
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -72,7 +72,7 @@ def main(out: str, zero_stage: int, order: str) -> None:
     parameters = trainer.full_parameters()
     if rank == 0:
         torch.save(parameters, out)
-    shutdown_distributed()
+    exit_distributed_process()
 
 
 if __name__ == "__main__":

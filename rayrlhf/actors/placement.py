@@ -1,0 +1,104 @@
+"""Where actors go: one placement group holding a bundle per actor, checked against the cluster first,
+and groups of ranks that form one torch.distributed group."""
+import socket
+from typing import Any, List
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rayrlhf.config import ResourcesConfig
+from rayrlhf.errors import ConfigError
+
+READY_TIMEOUT_S = 120
+
+
+def actor_count(resources: ResourcesConfig) -> int:
+    return resources.rollout_workers + resources.reward_learner_ranks + resources.ppo_ranks
+
+
+def bundle(resources: ResourcesConfig) -> dict:
+    """What one actor reserves."""
+    gpus = resources.gpus_per_actor if resources.device == "cuda" else 0
+    return {"CPU": resources.cpus_per_actor, **({"GPU": gpus} if gpus else {})}
+
+
+def check_resources(resources: ResourcesConfig, cluster: dict) -> None:
+    """ConfigError if the actors' bundles cannot fit the cluster's totals (before any actor starts)."""
+    count = actor_count(resources)
+    for name, each in bundle(resources).items():
+        needed, available = each * count, cluster.get(name, 0)
+        if needed > available + 1e-9:
+            raise ConfigError(
+                f"resources ask for {needed:g} {name} ({count} actors × {each:g}: {resources.rollout_workers} rollout "
+                f"workers, {resources.reward_learner_ranks} reward-learner ranks, {resources.ppo_ranks} PPO ranks) but the "
+                f"Ray cluster has {available:g}; lower resources.cpus_per_actor / gpus_per_actor or the counts"
+            )
+    if resources.device == "cuda" and resources.gpus_per_actor == 0:
+        raise ConfigError("resources.device='cuda' needs resources.gpus_per_actor > 0")
+
+
+def reserve(resources: ResourcesConfig) -> PlacementGroup:
+    """A PACK placement group with one bundle per actor, ready (or a ConfigError naming the wait)."""
+    group = placement_group([bundle(resources)] * actor_count(resources), strategy="PACK")
+    try:
+        ray.get(group.ready(), timeout=READY_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        ray.util.remove_placement_group(group)
+        raise ConfigError(f"the cluster could not place {actor_count(resources)} actors × {bundle(resources)} "
+                          f"within {READY_TIMEOUT_S} s (resources are busy or fragmented across nodes)") from None
+    return group
+
+
+def start_actor(actor_class, group: PlacementGroup, bundle_index: int, resources: ResourcesConfig, *args) -> Any:
+    """Start `actor_class` (a plain class) as a Ray actor in bundle `bundle_index` of `group`."""
+    remote = ray.remote(actor_class).options(
+        num_cpus=resources.cpus_per_actor,
+        num_gpus=bundle(resources).get("GPU", 0),
+        scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle_index),
+    )
+    return remote.remote(*args)
+
+
+def prepare_actor_process(resources: ResourcesConfig) -> None:
+    """Per actor process: torch threads to match the CPUs reserved, and quiet library loggers."""
+    import logging
+
+    import torch
+
+    torch.set_num_threads(max(1, int(resources.cpus_per_actor)))
+    for name in ("DeepSpeed", "transformers", "datasets"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class RankActor:
+    """Base for actors that are one rank of a process group: says where its rank 0 can be reached."""
+
+    def rendezvous_address(self):
+        """(ip, free port) on this actor's node; asked of rank 0 only."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("", 0))
+            port = probe.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+
+class RankGroup:
+    """Actors that are ranks 0..N-1 of one group; `call` runs a method on all of them at once."""
+
+    def __init__(self, actors: List[Any]):
+        self.actors = actors
+
+    def call(self, method: str, *args, **kwargs) -> List[Any]:
+        return ray.get(self.call_refs(method, *args, **kwargs))
+
+    def call_refs(self, method: str, *args, **kwargs) -> List[Any]:
+        """Start the method on every rank; return the ObjectRefs (to pass on without fetching)."""
+        return [getattr(actor, method).remote(*args, **kwargs) for actor in self.actors]
+
+    def call_first(self, method: str, *args, **kwargs) -> Any:
+        """Run on every rank (collectives need them all); return rank 0's answer."""
+        return self.call(method, *args, **kwargs)[0]
+
+    def form_process_group(self) -> None:
+        address, port = ray.get(self.actors[0].rendezvous_address.remote())
+        self.call("join_process_group", address, port)

@@ -1,0 +1,138 @@
+"""RewardLearner: one rank of the reward-model group. Every rank loads the preference data itself, holds a
+DeepSpeed RM engine (rayrlhf/training/reward_trainer.py) and takes its share of each global batch; the
+driver calls every method on all ranks at once (RankGroup) and reads rank 0's answer.
+
+Text crosses the actor boundary, not token ids: the RM may tokenize differently from the policy.
+"""
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from rayrlhf.config import RunConfig
+from rayrlhf.data.batches import collate_groups, encode_prompt_response, pad_right
+from rayrlhf.data.reward_data import group_batches, prepare_reward_data, task_tokenizer
+from rayrlhf.models.build import build_reward_model, load_tokenizer
+from rayrlhf.training.distributed import init_distributed, teardown_distributed
+from rayrlhf.training.reward_trainer import RewardModelTrainer, evaluate_reward_data, train_steps
+
+from rayrlhf.actors.placement import RankActor, prepare_actor_process
+
+MetaGroups = List[Tuple[str, List[str]]]
+"""(prompt, k responses) per prompt: MetaRM's meta data as text."""
+
+
+class RewardLearner(RankActor):
+    def __init__(self, config: RunConfig, rank: int, world_size: int):
+        prepare_actor_process(config.resources)
+        self.config, self.rank, self.world_size = config, rank, world_size
+        self.tokenizer = load_tokenizer(config.reward_model, task_tokenizer(config.data, config.seed))
+        self.pad_id = self.tokenizer.pad_token_id
+        fixed_meta = config.reward.method == "metarm" and config.reward.meta_source == "data"
+        self.data = prepare_reward_data(config.data, self.tokenizer, config.reward.samples_per_prompt, fixed_meta, config.seed)
+        self.trainer: Optional[RewardModelTrainer] = None
+
+    def join_process_group(self, master_addr: str, master_port: int) -> None:
+        """Form the group with the other ranks, then build the engine (DeepSpeed needs the group)."""
+        config, reward = self.config, self.config.reward
+        init_distributed(config.resources.device, self.rank, self.world_size, master_port, master_addr)
+        model = build_reward_model(config.reward_model, self.tokenizer, seed=config.seed)
+        self.trainer = RewardModelTrainer(
+            model, alpha=reward.alpha, eta=reward.eta, inner_steps=reward.inner_steps, order=reward.order,
+            micro_batch_size=reward.batch_size // self.world_size, zero_stage=reward.zero_stage,
+            weight_decay=reward.weight_decay, adam_eps=reward.adam_eps, max_grad_norm=reward.max_grad_norm,
+            device=config.resources.device,
+        )
+
+    def data_sizes(self) -> Dict[str, int]:
+        return {"train_pairs": len(self.data.train), "eval_pairs": len(self.data.evaluation),
+                "target_pairs": len(self.data.target or [])}
+
+    def _encode(self, prompt: str, response: str) -> List[int]:
+        data = self.config.data
+        return encode_prompt_response(self.tokenizer, prompt, response, data.max_prompt_tokens, data.max_response_tokens)
+
+    # ---- training ------------------------------------------------------------------------------
+    def train_initial(self) -> Dict[str, float]:
+        """Vanilla Bradley-Terry epochs on the preference data (before round 1)."""
+        reward = self.config.reward
+        torch.manual_seed(self.config.seed)
+        history = train_steps(self.trainer, self.data.train, self.pad_id, batch_size=reward.batch_size,
+                              epochs=reward.initial_epochs, max_steps=reward.initial_max_steps, rank=self.rank,
+                              world_size=self.world_size, seed=self.config.seed)
+        return _summary(history, "initial_rm")
+
+    def train_round(self, round_index: int, meta_groups: Optional[MetaGroups]) -> Dict[str, float]:
+        """This round's RM training: MetaRM with the given meta data (or the fixed data.meta), or vanilla."""
+        reward, seed = self.config.reward, self.config.seed * 1000 + round_index
+        torch.manual_seed(seed)  # dropout, if the RM has any, replays identically on resume
+        meta_batches = None
+        if reward.method == "metarm":
+            groups = self.data.meta if meta_groups is None else [
+                [self._encode(prompt, response) for response in responses] for prompt, responses in meta_groups]
+            meta_batches = group_batches(groups, reward.meta_batch_size, self.pad_id, self.rank, self.world_size, seed)
+        history = train_steps(self.trainer, self.data.train, self.pad_id, batch_size=reward.batch_size,
+                              epochs=reward.epochs, max_steps=reward.max_steps, rank=self.rank,
+                              world_size=self.world_size, seed=seed, meta_batches=meta_batches)
+        return _summary(history, "rm")
+
+    # ---- scoring and evaluation --------------------------------------------------------------------
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> List[float]:
+        """r(x, y) for every (prompt, response). Each rank scores an equal contiguous share (the last item
+        repeated to fill it, so ZeRO-3 ranks run the same number of passes); all ranks return the whole list."""
+        count = len(prompts)
+        share = -(-count // self.world_size)
+        padded = [min(i, count - 1) for i in range(share * self.world_size)]
+        mine = padded[self.rank * share : (self.rank + 1) * share]
+        sequences = [self._encode(prompts[i], responses[i]) for i in mine]
+        size = self.config.reward.eval_batch_size
+        local = []
+        self.trainer.engine.eval()
+        with torch.no_grad():
+            for start in range(0, len(sequences), size):
+                ids, mask = pad_right(sequences[start : start + size], self.pad_id)
+                local.append(self.trainer.rewards(ids, mask).float().cpu())
+        scores = torch.cat(local)
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            gathered = [torch.empty_like(scores) for _ in range(self.world_size)]
+            dist.all_gather(gathered, scores)
+            scores = torch.cat(gathered)
+        return scores[:count].tolist()
+
+    def evaluate(self) -> Dict[str, float]:
+        """Held-out and target accuracy on the whole evaluation sets (every rank computes the same)."""
+        return evaluate_reward_data(self.trainer, self.data, self.config.reward.eval_batch_size, self.pad_id)
+
+    def group_scores(self, meta_groups: MetaGroups) -> List[List[float]]:
+        """(P, k) rewards of response groups."""
+        batch = collate_groups([[self._encode(p, r) for r in responses] for p, responses in meta_groups], self.pad_id)
+        return self.trainer.group_rewards([batch]).tolist()
+
+    # ---- weights and checkpoints -------------------------------------------------------------------
+    def critic_weights(self) -> Dict[str, torch.Tensor]:
+        """The RM's parameters with transformers' names, to initialise the critic."""
+        return {name.removeprefix("model."): t for name, t in self.trainer.full_parameters().items()}
+
+    def save_checkpoint(self, folder: str) -> None:
+        self.trainer.engine.save_checkpoint(str(Path(folder) / "reward_model"), tag="state")
+
+    def load_checkpoint(self, folder: str) -> None:
+        path, _ = self.trainer.engine.load_checkpoint(str(Path(folder) / "reward_model"), tag="state")
+        if path is None:
+            raise FileNotFoundError(f"no reward-model checkpoint under {folder}")
+
+    def save_model(self, folder: str) -> None:
+        self.trainer.save(Path(folder), self.tokenizer)
+
+    def shutdown(self) -> None:
+        teardown_distributed()
+
+
+def _summary(history: List[Dict[str, float]], prefix: str) -> Dict[str, float]:
+    """Means of the per-step metrics, plus the step count."""
+    if not history:
+        return {f"{prefix}_steps": 0}
+    names = [name for name, value in history[0].items() if value is not None]
+    return {f"{prefix}_steps": len(history), **{f"{prefix}_{n}": sum(h[n] for h in history) / len(history) for n in names}}

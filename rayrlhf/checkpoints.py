@@ -1,0 +1,64 @@
+"""Round checkpoints in a run directory: written under a temporary name, renamed into place, pruned.
+
+    run_dir/checkpoints/round_0002/state.json        the driver's state (round, KL coefficient, history)
+    run_dir/checkpoints/round_0002/reward_model/     the RM engine (weights + optimizer), every rank's part
+    run_dir/checkpoints/round_0002/ppo/{policy,critic}/
+
+A crash or Ctrl-C while writing leaves only `round_0003.tmp`, which the next write removes; the last
+complete checkpoint stays loadable. Round 0 is the state after SFT and the initial RM and is always kept.
+"""
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import List, Optional
+
+PREFIX, STAGING = "round_", ".tmp"
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def checkpoint_path(run_dir: Path, round_index: int) -> Path:
+    return checkpoint_root(run_dir) / f"{PREFIX}{round_index:04d}"
+
+
+def complete_checkpoints(run_dir: Path) -> List[Path]:
+    """Finished checkpoints, oldest first (staging folders excluded)."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and not p.name.endswith(STAGING) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def begin_checkpoint(run_dir: Path, round_index: int) -> Path:
+    """A fresh staging folder for round_index (a leftover from an interrupted write is removed)."""
+    staging = checkpoint_path(run_dir, round_index).with_name(checkpoint_path(run_dir, round_index).name + STAGING)
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def commit_checkpoint(staging: Path, state: dict, keep: int) -> Path:
+    """Write state.json last, rename the staging folder into place, drop all but round 0 and the last `keep`."""
+    (staging / "state.json").write_text(json.dumps(state, indent=1))
+    final = staging.with_name(staging.name.removesuffix(STAGING))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    older = [p for p in complete_checkpoints(final.parent.parent) if p.name != f"{PREFIX}0000"]
+    for stale in older[:-keep]:
+        shutil.rmtree(stale)
+    return final
+
+
+def read_state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / "state.json").read_text())

@@ -1,0 +1,274 @@
+"""The single controller: it owns the order of events and nothing else.
+
+    start     SFT warm-up (optional), initial vanilla RM training, checkpoint round 0
+    round r   1. meta data: the current policy answers meta_prompts_per_round prompts k times each
+              2. RM training on the preference pairs: MetaRM with that meta data (or vanilla)
+              3. PPO steps: rollout, score with the RM, update policy and critic, sync weights to the workers
+              4. evaluation: RM held-out accuracy, reward-difference variance on the policy's samples,
+                 gold reward and the RM's accuracy on gold-labelled pairs (synthetic task)
+              5. checkpoint (renamed into place)
+
+Every stage's seed is derived from (config.seed, round, step), so a run is reproducible and a resumed run
+replays exactly what the uninterrupted one would have done.
+"""
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import ray
+from tqdm import tqdm
+
+from rayrlhf.actors.placement import RankGroup, reserve, start_actor
+from rayrlhf.actors.ppo_trainer import PPOTrainer
+from rayrlhf.actors.reward_learner import RewardLearner
+from rayrlhf.actors.rollout_worker import RolloutWorker
+from rayrlhf.algos.kl import AdaptiveKLController, FixedKLController
+from rayrlhf.algos.rewards import gold_pair_accuracy, reward_difference_statistics
+from rayrlhf.checkpoints import begin_checkpoint, checkpoint_path, commit_checkpoint, latest_checkpoint, read_state
+from rayrlhf.config import RunConfig
+from rayrlhf.data.rollouts import Rollout
+from rayrlhf.data.sources import load_preference_pairs, split_by_prompt
+from rayrlhf.data.synthetic import SyntheticPreferenceTask
+from rayrlhf.metrics import MetricsLogger
+
+import torch
+
+
+@dataclass
+class PromptSets:
+    """What the driver samples from: training prompts, meta-data prompts, and SFT (prompt, response) pairs."""
+
+    train: List[str]
+    meta: List[str]
+    sft: List[Tuple[str, str]]
+
+
+def load_prompt_sets(config: RunConfig) -> PromptSets:
+    """Read the data once in the driver (errors surface here, before any actor starts)."""
+    data = config.data
+    pairs = load_preference_pairs(data.preference, data.synthetic, config.seed).pairs
+    train, _ = split_by_prompt(pairs, data.eval_fraction, config.seed)
+    train_prompts = list(dict.fromkeys(train["prompt"]))
+    meta = train_prompts
+    if data.meta_prompts is not None:
+        meta = list(dict.fromkeys(load_preference_pairs(data.meta_prompts, data.synthetic, config.seed).pairs["prompt"]))
+    return PromptSets(train_prompts, meta, list(zip(train["prompt"], train["chosen"])))
+
+
+def stage_seed(seed: int, round_index: int, step: int, salt: int = 0) -> int:
+    return ((seed * 1_000 + round_index) * 10_000 + step) * 10 + salt
+
+
+@dataclass
+class Actors:
+    rollout_workers: List
+    reward_learner: RankGroup
+    ppo_trainer: RankGroup
+
+
+def start_actors(config: RunConfig) -> Actors:
+    """Every actor in one placement group, then the two rank groups form their process groups."""
+    resources = config.resources
+    group = reserve(resources)
+    slots = iter(range(10**6))
+    workers = [start_actor(RolloutWorker, group, next(slots), resources, config, i) for i in range(resources.rollout_workers)]
+    learner = RankGroup([start_actor(RewardLearner, group, next(slots), resources, config, rank, resources.reward_learner_ranks)
+                         for rank in range(resources.reward_learner_ranks)])
+    trainer = RankGroup([start_actor(PPOTrainer, group, next(slots), resources, config, rank, resources.ppo_ranks)
+                         for rank in range(resources.ppo_ranks)])
+    learner.form_process_group()
+    trainer.form_process_group()
+    return Actors(workers, learner, trainer)
+
+
+class Pipeline:
+    def __init__(self, config: RunConfig, actors: Actors, prompts: PromptSets):
+        self.config, self.actors, self.prompts = config, actors, prompts
+        self.run_dir = Path(config.run_dir)
+        self.metrics = MetricsLogger(self.run_dir)
+        self.task = SyntheticPreferenceTask(config.data.synthetic, config.seed) if config.data.preference.format == "synthetic" else None
+        ppo = config.ppo
+        self.kl = AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon) if ppo.adaptive_kl else FixedKLController(ppo.kl_coef)
+        self.history: List[Dict[str, float]] = []
+        self.global_step = 0
+        self.weights_version = 0
+        self.last_checkpoint: Optional[Path] = None
+
+    # ---- start ---------------------------------------------------------------------------------
+    def start(self) -> int:
+        """Fresh start (SFT, initial RM, round-0 checkpoint) or resume; returns the last finished round."""
+        learner, trainer = self.actors.reward_learner, self.actors.ppo_trainer
+        checkpoint = latest_checkpoint(self.run_dir) if self.config.resume else None
+        if checkpoint is not None:
+            state = read_state(checkpoint)
+            trainer.call("build", None, str(self.run_dir / "reference"))
+            trainer.call("load_checkpoint", str(checkpoint))
+            learner.call("load_checkpoint", str(checkpoint))
+            self.kl.value, self.history, self.global_step = state["kl_coefficient"], state["history"], state["global_step"]
+            self.last_checkpoint = checkpoint
+            print(f"resumed from {checkpoint} (round {state['round']} done)", file=sys.stderr)
+            self.sync_weights()
+            return state["round"]
+        started = time.perf_counter()
+        initial = learner.call_first("train_initial")
+        initial.update({f"initial_{k}": v for k, v in learner.call_first("evaluate").items()})
+        critic_weights = learner.call_refs("critic_weights")[0] if self.config.ppo.critic_from_reward_model else None
+        trainer.call("build", critic_weights, None)
+        initial.update(self.supervised_warm_up())
+        trainer.call_first("save_policy", str(self.run_dir / "reference"), True)
+        initial["start_seconds"] = time.perf_counter() - started
+        self.metrics.log("start", 0, initial)
+        self.checkpoint(0)
+        self.sync_weights()
+        return 0
+
+    def supervised_warm_up(self) -> Dict[str, float]:
+        sft, trainer = self.config.sft, self.actors.ppo_trainer
+        if not sft.steps:
+            return {}
+        rng = random.Random(stage_seed(self.config.seed, 0, 0, 1))
+        losses = []
+        for step in tqdm(range(sft.steps), desc="SFT warm-up", file=sys.stderr, leave=False):
+            batch = rng.sample(self.prompts.sft, sft.batch_size)
+            losses.append(trainer.call_first("sft_step", [p for p, _ in batch], [r for _, r in batch])["sft_loss"])
+            self.metrics.log("sft", step + 1, {"sft_loss": losses[-1]})
+        trainer.call("end_sft")
+        return {"sft_first_loss": losses[0], "sft_last_loss": losses[-1]}
+
+    # ---- the rounds ------------------------------------------------------------------------------
+    def run(self) -> List[Dict[str, float]]:
+        done = self.start()
+        for round_index in range(done + 1, self.config.rounds + 1):
+            started = time.perf_counter()
+            summary = self.round(round_index)
+            summary["round_seconds"] = time.perf_counter() - started
+            self.history.append(summary)
+            self.metrics.log("round", round_index, summary)
+            self.checkpoint(round_index)
+        self.save_final_models()
+        return self.history
+
+    def round(self, round_index: int) -> Dict[str, float]:
+        config, learner = self.config, self.actors.reward_learner
+        summary: Dict[str, float] = {"round": round_index}
+        ppo_steps = config.ppo.steps_per_round
+        with tqdm(total=ppo_steps + 2, desc=f"round {round_index}/{config.rounds}", file=sys.stderr, leave=False) as bar:
+            bar.set_postfix_str("sampling meta data")
+            started = time.perf_counter()
+            rng = random.Random(stage_seed(config.seed, round_index, 0, 2))
+            meta_prompts = rng.sample(self.prompts.meta, min(config.reward.meta_prompts_per_round, len(self.prompts.meta)))
+            meta = self.generate(meta_prompts, config.reward.samples_per_prompt, stage_seed(config.seed, round_index, 0, 3))
+            groups = _groups(meta)
+            summary["meta_sampling_seconds"] = time.perf_counter() - started
+            summary.update(_prefixed("before_rm_", self.group_diagnostics(meta, groups)))
+            bar.update()
+
+            bar.set_postfix_str("training the reward model")
+            started = time.perf_counter()
+            if config.reward.reset_each_round:
+                learner.call("load_checkpoint", str(checkpoint_path(self.run_dir, 0)))
+            use_policy_meta = config.reward.method == "metarm" and config.reward.meta_source == "policy"
+            summary.update(learner.call_first("train_round", round_index, groups if use_policy_meta else None))
+            summary["rm_training_seconds"] = time.perf_counter() - started
+            summary.update(learner.call_first("evaluate"))
+            summary.update(self.group_diagnostics(meta, groups))
+            bar.update()
+
+            step_metrics = []
+            for step in range(1, ppo_steps + 1):
+                bar.set_postfix_str(f"PPO step {step}/{ppo_steps}")
+                step_metrics.append(self.ppo_step(round_index, step))
+                bar.update()
+        summary.update({name: sum(m[name] for m in step_metrics) / len(step_metrics) for name in step_metrics[0]})
+        summary["kl_coefficient"] = self.kl.value
+        return summary
+
+    def generate(self, prompts: List[str], n: int, seed: int) -> Rollout:
+        """n samples per prompt, the prompts split contiguously over the rollout workers."""
+        workers = self.actors.rollout_workers
+        share = -(-len(prompts) // len(workers))
+        parts = [prompts[i * share : (i + 1) * share] for i in range(len(workers))]
+        temperature = self.config.rollout.temperature
+        futures = [w.generate.remote(part, n, temperature, seed + i) for i, (w, part) in enumerate(zip(workers, parts)) if part]
+        return Rollout.concatenate(ray.get(futures))
+
+    def group_diagnostics(self, meta: Rollout, groups) -> Dict[str, float]:
+        """Reward-difference statistics of the RM on the policy's k samples per prompt, and (synthetic task)
+        gold reward and the RM's accuracy on gold-labelled pairs of those samples."""
+        rewards = torch.tensor(self.actors.reward_learner.call_first("group_scores", groups))
+        results = reward_difference_statistics(rewards)
+        if self.task is not None:
+            gold = torch.tensor([[self.task.gold_reward(p, r) for r in responses] for p, responses in groups])
+            results.update(gold_pair_accuracy(rewards, gold))
+            results["policy_gold_reward"] = gold.mean().item()
+        return results
+
+    def ppo_step(self, round_index: int, step: int) -> Dict[str, float]:
+        config = self.config
+        self.global_step += 1
+        timings: Dict[str, float] = {}
+        started = time.perf_counter()
+        rng = random.Random(stage_seed(config.seed, round_index, step, 4))
+        prompts = rng.sample(self.prompts.train, min(config.ppo.rollout_batch_size, len(self.prompts.train)))
+        rollout = self.generate(prompts, config.rollout.n_per_prompt, stage_seed(config.seed, round_index, step, 5))
+        timings["generation_seconds"] = time.perf_counter() - started
+        timings["generation_tokens_per_second"] = rollout.num_tokens / timings["generation_seconds"]
+
+        started = time.perf_counter()
+        scores = self.actors.reward_learner.call_first("score", rollout.prompt_texts, rollout.response_texts)
+        timings["scoring_seconds"] = time.perf_counter() - started
+
+        started = time.perf_counter()
+        kl_coefficient = self.kl.value
+        metrics = self.actors.ppo_trainer.call_first("ppo_step", rollout, scores, kl_coefficient,
+                                                     stage_seed(config.seed, round_index, step, 6), round_index)
+        timings["ppo_seconds"] = time.perf_counter() - started
+        timings["ppo_tokens_per_second"] = rollout.num_tokens * config.ppo.epochs / timings["ppo_seconds"]
+        self.kl.update(metrics["kl_per_sequence"], len(rollout))
+
+        started = time.perf_counter()
+        self.sync_weights()
+        timings["weight_sync_seconds"] = time.perf_counter() - started
+
+        scores_tensor = torch.tensor(scores)
+        metrics.update(reward_mean=scores_tensor.mean().item(), reward_std=scores_tensor.std(unbiased=False).item(), **timings)
+        if self.task is not None:
+            metrics["gold_reward"] = sum(map(self.task.gold_reward, rollout.prompt_texts, rollout.response_texts)) / len(rollout)
+        self.metrics.log("ppo", self.global_step, {"round": round_index, "kl_coefficient": kl_coefficient, **metrics})
+        return metrics
+
+    def sync_weights(self) -> None:
+        """Rank 0's policy weights into every rollout worker; the weights go through the object store
+        once (an ObjectRef passed on, never fetched by the driver)."""
+        self.weights_version += 1
+        weights = self.actors.ppo_trainer.actors[0].policy_weights.remote()
+        ray.get([w.load_weights.remote(weights, self.weights_version) for w in self.actors.rollout_workers])
+
+    # ---- checkpoints and outputs -----------------------------------------------------------------
+    def checkpoint(self, round_index: int) -> None:
+        staging = begin_checkpoint(self.run_dir, round_index)
+        self.actors.reward_learner.call("save_checkpoint", str(staging))
+        self.actors.ppo_trainer.call("save_checkpoint", str(staging))
+        state = {"round": round_index, "kl_coefficient": self.kl.value, "history": self.history, "global_step": self.global_step}
+        self.last_checkpoint = commit_checkpoint(staging, state, self.config.keep_checkpoints)
+
+    def save_final_models(self) -> None:
+        """The policy and the RM as transformers folders (each written under a temporary name, then renamed)."""
+        self.actors.ppo_trainer.call_first("save_policy", str(self.run_dir / "policy"))
+        self.actors.reward_learner.call("save_model", str(self.run_dir / "reward_model"))
+
+    def close(self) -> None:
+        self.metrics.close()
+
+
+def _groups(rollout: Rollout) -> List[Tuple[str, List[str]]]:
+    """(prompt, its k response texts) from a prompt-major rollout."""
+    k = rollout.group_size
+    return [(rollout.prompt_texts[i], rollout.response_texts[i : i + k]) for i in range(0, len(rollout), k)]
+
+
+def _prefixed(prefix: str, values: Dict[str, float]) -> Dict[str, float]:
+    return {prefix + name: value for name, value in values.items()}

