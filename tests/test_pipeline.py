@@ -1,0 +1,110 @@
+"""`python -m rayrlhf.run` end to end on real Ray, DeepSpeed and the rollout engine: the embedded default,
+reproducibility, a crash and a resume, and the real TL;DR data with a tiny policy."""
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from rayrlhf.faults import FAULT_VARIABLE
+
+from conftest import GPT2_TOKENIZER, ROOT, child_env, shared_file
+
+pytestmark = pytest.mark.slow
+TIMING_SUFFIXES = ("_seconds", "_per_second")
+
+
+def run_main(*args: str, env: dict = None, expect: int = 0) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "rayrlhf.run", *args], cwd=ROOT, env={**child_env(), **(env or {})},
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == expect, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def records(run_dir, phase):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["phase"] == phase]
+
+
+def without_timings(record: dict) -> dict:
+    return {k: v for k, v in record.items() if not k.endswith(TIMING_SUFFIXES)}
+
+
+def rounds_csv(run_dir):
+    with open(run_dir / "rounds.csv") as handle:
+        return [without_timings(row) for row in csv.DictReader(handle)]
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """The README's main job on the embedded default, uninterrupted."""
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    return run_dir, run_main("conf/tiny.yaml", f"run_dir={run_dir}")
+
+
+def test_embedded_default_prints_the_round_table_and_writes_a_complete_run_dir(default_run):
+    run_dir, result = default_run
+    lines = [line.split() for line in result.stdout.splitlines()]  # actors' log lines are interleaved
+    start = next(i for i, words in enumerate(lines) if words[:2] == ["round", "reward"])
+    header, rows = lines[start], [words for words in lines[start + 1 : start + 5]]
+    for column in ("rdiff", "gold", "KL", "RM"):
+        assert column in header
+    assert [row[0] for row in rows] == ["1", "2", "3", "4"]
+    for name in ("config.yaml", "rounds.csv", "tensorboard", "reference", "policy", "reward_model"):
+        assert (run_dir / name).exists(), name
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round_0000", "round_0003", "round_0004"]
+    AutoModelForCausalLM.from_pretrained(run_dir / "policy")
+    AutoModelForSequenceClassification.from_pretrained(run_dir / "reward_model")
+    # A round's PPO metrics are the means of its steps' metrics.
+    steps, summaries = records(run_dir, "ppo"), records(run_dir, "round")
+    assert len(steps) == 4 * 8 and [s["round"] for s in summaries] == [1, 2, 3, 4]
+    for summary in summaries:
+        mine = [s["reward_mean"] for s in steps if s["round"] == summary["round"]]
+        assert summary["reward_mean"] == pytest.approx(sum(mine) / len(mine))
+        assert 0 <= summary["gold_pair_accuracy"] <= 1 and summary["reward_difference_variance"] > 0
+        assert summary["rm_steps"] == 10
+
+
+def test_same_seed_gives_identical_metrics(default_run, tmp_path):
+    run_dir, _ = default_run
+    again = tmp_path / "again"
+    run_main("conf/tiny.yaml", f"run_dir={again}")
+    assert [without_timings(r) for r in records(again, "ppo")] == [without_timings(r) for r in records(run_dir, "ppo")]
+    assert rounds_csv(again) == rounds_csv(run_dir)
+
+
+def test_a_crashing_actor_shows_its_traceback_and_resume_reaches_the_same_end(default_run, tmp_path):
+    run_dir, _ = default_run
+    crashed = tmp_path / "crashed"
+    failure = run_main("conf/tiny.yaml", f"run_dir={crashed}", env={FAULT_VARIABLE: "ppo_step:3"}, expect=1)
+    assert "injected fault at ppo_step in round 3" in failure.stderr
+    assert "PPOTrainer.ppo_step" in failure.stderr and 'rayrlhf/actors/ppo_trainer.py", line' in failure.stderr  # its traceback
+    assert "last checkpoint" in failure.stderr and "round_0002" in failure.stderr
+    assert sorted(p.name for p in (crashed / "checkpoints").iterdir()) == ["round_0000", "round_0001", "round_0002"]
+    run_main("conf/tiny.yaml", f"run_dir={crashed}", "resume=true")
+    assert rounds_csv(crashed) == rounds_csv(run_dir)
+
+
+def test_a_finished_run_dir_is_not_overwritten(default_run):
+    run_dir, _ = default_run
+    result = run_main("conf/tiny.yaml", f"run_dir={run_dir}", expect=2)
+    assert "already holds a run" in result.stderr and "resume=true" in result.stderr
+
+
+def test_tldr_config_with_a_tiny_policy_writes_a_complete_run_dir(tmp_path):
+    shared_file("data", "tldr", "comparisons_batch13.jsonl")
+    run_dir = tmp_path / "tldr"
+    run_main(
+        "conf/tldr.yaml", f"run_dir={run_dir}", "rounds=1",
+        "policy.source=tiny", f"policy.tokenizer={GPT2_TOKENIZER}", "reward_model.source=tiny", f"reward_model.tokenizer={GPT2_TOKENIZER}",
+        "data.max_prompt_tokens=48", "data.max_response_tokens=16", "rollout.max_new_tokens=8",
+        "reward.initial_max_steps=2", "reward.max_steps=2", "reward.meta_prompts_per_round=4", "reward.samples_per_prompt=2",
+        "ppo.steps_per_round=2", "ppo.rollout_batch_size=4",
+    )
+    summary, = records(run_dir, "round")
+    assert summary["target_pairs"] == 437 and 0 <= summary["target_accuracy"] <= 1
+    assert summary["rm_steps"] == 2 and summary["reward_difference_pairs"] == 4
+    policy = AutoModelForCausalLM.from_pretrained(run_dir / "policy")
+    assert policy.config.vocab_size == 50257
