@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import ray
+from ray.util.placement_group import PlacementGroup
 from tqdm import tqdm
 
 from rayrlhf.actors.placement import RankGroup, reserve, start_actor
@@ -67,6 +68,13 @@ class Actors:
     rollout_workers: List
     reward_learner: RankGroup
     ppo_trainer: RankGroup
+    placement: PlacementGroup
+
+    def stop(self) -> None:
+        """Kill every actor and free the reservation (on a shared cluster nothing must linger)."""
+        for actor in self.rollout_workers + self.reward_learner.actors + self.ppo_trainer.actors:
+            ray.kill(actor)
+        ray.util.remove_placement_group(self.placement)
 
 
 def start_actors(config: RunConfig) -> Actors:
@@ -81,7 +89,7 @@ def start_actors(config: RunConfig) -> Actors:
                          for rank in range(resources.ppo_ranks)])
     learner.form_process_group()
     trainer.form_process_group()
-    return Actors(workers, learner, trainer)
+    return Actors(workers, learner, trainer, group)
 
 
 class Pipeline:

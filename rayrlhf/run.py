@@ -97,16 +97,18 @@ def run(config: RunConfig) -> List[Dict[str, float]]:
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
-    pipeline = Pipeline(config, start_actors(config), prompts)
+    actors = start_actors(config)
+    pipeline = Pipeline(config, actors, prompts)
     try:
         history = pipeline.run()
     except (KeyboardInterrupt, ray.exceptions.RayError):
         where = pipeline.last_checkpoint
         print(f"\nstopped; last checkpoint: {where if where else 'none yet'}"
-              + (f" (continue with resume=true)" if where else ""), file=sys.stderr)
+              + (" (continue with resume=true)" if where else ""), file=sys.stderr)
         raise
     finally:
         pipeline.close()
+        actors.stop()
     write_rounds(history, run_dir / "rounds.csv")
     return history
 

@@ -1,0 +1,110 @@
+"""The actors on a real local Ray instance: weight sync into the rollout workers, the reward learner's
+rank group against one rank, and bad input refused before any actor starts."""
+import importlib.util
+
+import pytest
+import ray
+import torch
+
+from rayrlhf.actors.placement import RankGroup, reserve, start_actor
+from rayrlhf.actors.reward_learner import RewardLearner
+from rayrlhf.config import SyntheticTask, load_config
+from rayrlhf.data.synthetic import SyntheticPreferenceTask
+from rayrlhf.pipeline import Pipeline, load_prompt_sets, start_actors
+from rayrlhf import run
+
+from conftest import child_env
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": child_env_overrides()})
+    yield
+    ray.shutdown()
+
+
+def child_env_overrides() -> dict:
+    """Actors form their own process groups: hide any MASTER_PORT this test process set."""
+    return {key: value for key, value in child_env().items() if key.startswith("TORCH_EXTENSIONS")}
+
+
+def tiny_config(tmp_path, *overrides):
+    return load_config("conf/tiny.yaml", [f"run_dir={tmp_path / 'run'}", *overrides])
+
+
+def test_rollout_workers_generate_with_the_new_weights_after_a_ppo_update(tmp_path):
+    config = tiny_config(tmp_path, "sft.steps=5", "reward.initial_max_steps=2", "ppo.policy_lr=1e-2",
+                         "rollout.max_new_tokens=8", "resources.rollout_workers=2", "resources.cpus_per_actor=0.5")
+    actors = start_actors(config)
+    pipeline = Pipeline(config, actors, load_prompt_sets(config))
+    try:
+        pipeline.start()
+        prompts = pipeline.prompts.train[:6]
+
+        def worker_greedy():  # temperature 0: greedy, on both workers
+            return [ray.get(w.generate.remote(prompts, 1, 0.0, 0)).response_ids for w in actors.rollout_workers]
+
+        before = worker_greedy()
+        assert before[0] == before[1] == actors.ppo_trainer.call_first("greedy_decode", prompts)
+        pipeline.ppo_step(1, 1)  # a PPO update, then the sync
+        after = worker_greedy()
+        assert after[0] == after[1] == actors.ppo_trainer.call_first("greedy_decode", prompts)
+        assert after[0] != before[0]  # the update (lr 1e-2) changed what the policy says
+    finally:
+        pipeline.close()
+        actors.stop()
+
+
+def trained_reward_model(config, ranks: int, groups):
+    """Three MetaRM steps on a rank group of `ranks` reward learners; returns the parameters."""
+    group = reserve(config.resources)
+    learner = RankGroup([start_actor(RewardLearner, group, rank, config.resources, config, rank, ranks) for rank in range(ranks)])
+    try:
+        learner.form_process_group()
+        learner.call("train_round", 1, groups)
+        return learner.call_first("critic_weights")
+    finally:
+        for actor in learner.actors:
+            ray.kill(actor)
+        ray.util.remove_placement_group(group)
+
+
+def test_two_reward_learner_ranks_make_the_one_rank_metarm_update(tmp_path):
+    task = SyntheticPreferenceTask(SyntheticTask(num_prompts=400), seed=0)
+    groups = [(g["prompt"], g["responses"]) for g in task.drifted_response_groups(3).select(range(8))]
+    weights = {}
+    for ranks in (1, 2):
+        config = tiny_config(tmp_path, "reward.batch_size=8", "reward.meta_batch_size=4", "reward.samples_per_prompt=3",
+                             "reward.max_steps=3", "reward.adam_eps=1e-3", "reward.eta=0.05",
+                             f"resources.reward_learner_ranks={ranks}", "resources.cpus_per_actor=0.5")
+        weights[ranks] = trained_reward_model(config, ranks, groups)
+    initial = trained_reward_model(tiny_config(tmp_path, "reward.max_steps=1", "reward.alpha=1e-12", "resources.cpus_per_actor=0.5"), 1, groups)
+    for name, one_rank in weights[1].items():
+        torch.testing.assert_close(weights[2][name], one_rank, atol=2e-5, rtol=0)
+    assert max((weights[1][n] - initial[n]).abs().max().item() for n in initial) > 1e-3  # the steps moved the RM
+
+
+def test_more_cpus_than_the_cluster_has_is_refused_before_any_actor(tmp_path, capsys):
+    code = run.main(["conf/tiny.yaml", f"run_dir={tmp_path / 'run'}", "resources.cpus_per_actor=4"])
+    error = capsys.readouterr().err
+    assert code == 2 and "resources ask for 12 CPU" in error and "Ray cluster has 2" in error
+    assert not (tmp_path / "run").exists()  # nothing started, nothing written
+
+
+def test_a_rollout_engine_that_is_not_installed_is_refused(tmp_path, capsys, monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_find_spec(name, *a))
+    code = run.main(["conf/tiny.yaml", f"run_dir={tmp_path / 'run'}", "rollout.engine=vllm"])
+    assert code == 2 and "vLLM is not installed" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_metarm_without_a_meta_data_source_is_refused(tmp_path, capsys):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    code = run.main(["conf/tiny.yaml", f"run_dir={tmp_path / 'run'}", f"data.preference={{format: jsonl, path: {pairs}}}",
+                     "reward.meta_source=data"])
+    error = capsys.readouterr().err
+    assert code == 2 and "reward.meta_source='data' needs meta data" in error and "data.meta" in error
