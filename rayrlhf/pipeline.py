@@ -200,7 +200,8 @@ class Pipeline:
         share = -(-len(prompts) // len(workers))
         parts = [prompts[i * share : (i + 1) * share] for i in range(len(workers))]
         temperature = self.config.rollout.temperature
-        futures = [w.generate.remote(part, n, temperature, seed + i) for i, (w, part) in enumerate(zip(workers, parts)) if part]
+        # Each worker its own generator seed, apart from every other stage's seed.
+        futures = [w.generate.remote(part, n, temperature, seed * 1009 + i) for i, (w, part) in enumerate(zip(workers, parts)) if part]
         return Rollout.concatenate(ray.get(futures))
 
     def group_diagnostics(self, meta: Rollout, groups) -> Dict[str, float]:

@@ -86,11 +86,13 @@ def test_two_reward_learner_ranks_make_the_one_rank_metarm_update(tmp_path):
     assert max((weights[1][n] - initial[n]).abs().max().item() for n in initial) > 1e-3  # the steps moved the RM
 
 
-def test_more_cpus_than_the_cluster_has_is_refused_before_any_actor(tmp_path, capsys):
+def test_more_cpus_or_gpus_than_the_cluster_has_are_refused_before_any_actor(tmp_path, capsys):
     code = run.main(["conf/tiny.yaml", f"run_dir={tmp_path / 'run'}", "resources.cpus_per_actor=4"])
     error = capsys.readouterr().err
     assert code == 2 and "resources ask for 12 CPU" in error and "Ray cluster has 2" in error
     assert not (tmp_path / "run").exists()  # nothing started, nothing written
+    code = run.main(["conf/tiny.yaml", f"run_dir={tmp_path / 'run'}", "resources.device=cuda"])
+    assert code == 2 and "resources ask for 3 GPU" in capsys.readouterr().err
 
 
 def test_a_rollout_engine_that_is_not_installed_is_refused(tmp_path, capsys, monkeypatch):

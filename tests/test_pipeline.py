@@ -2,8 +2,10 @@
 reproducibility, a crash and a resume, and the real TL;DR data with a tiny policy."""
 import csv
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -85,6 +87,22 @@ def test_a_crashing_actor_shows_its_traceback_and_resume_reaches_the_same_end(de
     assert sorted(p.name for p in (crashed / "checkpoints").iterdir()) == ["round_0000", "round_0001", "round_0002"]
     run_main("conf/tiny.yaml", f"run_dir={crashed}", "resume=true")
     assert rounds_csv(crashed) == rounds_csv(run_dir)
+
+
+def test_ctrl_c_keeps_the_last_checkpoint_and_resume_reaches_the_same_end(default_run, tmp_path):
+    run_dir, _ = default_run
+    stopped = tmp_path / "stopped"
+    command = [sys.executable, "-m", "rayrlhf.run", "conf/tiny.yaml", f"run_dir={stopped}", "rounds=50"]
+    process = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not (stopped / "checkpoints" / "round_0002").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130 and "stopped; last checkpoint" in stderr and "resume=true" in stderr
+    assert not (stopped / "policy").exists()  # it did not run to the end
+    run_main("conf/tiny.yaml", f"run_dir={stopped}", "resume=true", "rounds=4")
+    assert rounds_csv(stopped) == rounds_csv(run_dir)
 
 
 def test_a_finished_run_dir_is_not_overwritten(default_run):

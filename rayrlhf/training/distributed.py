@@ -27,8 +27,10 @@ def init_distributed(device: str, rank: int = 0, world_size: int = 1, master_por
     import deepspeed
 
     if master_addr:
+        # A Ray actor sees only the GPU it was given, as device 0, so its local rank on GPU is 0.
+        local_rank = 0 if device == "cuda" else rank
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
-                          LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+                          LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(master_port or free_port()))
     os.environ.setdefault("RANK", str(rank))

@@ -177,7 +177,7 @@ class PPOLearner:
     # ---- weights, greedy reference decoding, saving -------------------------------------------------
     def policy_weights(self) -> Dict[str, torch.Tensor]:
         """The policy's parameters and buffers as CPU tensors, for the rollout workers."""
-        return {name: tensor.detach().cpu() for name, tensor in self.policy.module.state_dict().items()}
+        return {name: tensor.detach().to("cpu", copy=True) for name, tensor in self.policy.module.state_dict().items()}
 
     @torch.no_grad()
     def greedy_decode(self, prompt_ids: Sequence[TokenIds], max_new_tokens: int, eos_id: int) -> List[TokenIds]:
