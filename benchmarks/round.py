@@ -35,7 +35,7 @@ from rayrlhf.checkpoints import begin_checkpoint, checkpoint_path, commit_checkp
 from rayrlhf.config import load_config  # noqa: E402
 from rayrlhf.data.rollouts import Rollout  # noqa: E402
 from rayrlhf.data.synthetic import SyntheticPreferenceTask  # noqa: E402
-from rayrlhf.pipeline import Pipeline, _groups, load_prompt_sets, stage_seed, start_actors  # noqa: E402
+from rayrlhf.pipeline import Pipeline, _groups, load_prompt_sets, stage_seed, start_actors, worker_seed  # noqa: E402
 from rayrlhf.training.distributed import exit_distributed_process, init_distributed  # noqa: E402
 
 STAGES = ["generation: meta data", "RM diagnostics + evaluation", "RM training", "generation: PPO rollouts",
@@ -91,7 +91,7 @@ class InProcess:
         share = -(-len(prompts) // len(self.workers))
         parts = [prompts[i * share : (i + 1) * share] for i in range(len(self.workers))]
         temperature = self.config.rollout.temperature
-        return Rollout.concatenate([worker.generate(part, n, temperature, seed + i)
+        return Rollout.concatenate([worker.generate(part, n, temperature, worker_seed(seed, i))
                                     for i, (worker, part) in enumerate(zip(self.workers, parts)) if part])
 
     def sync_weights(self):

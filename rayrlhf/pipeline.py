@@ -63,6 +63,11 @@ def stage_seed(seed: int, round_index: int, step: int, salt: int = 0) -> int:
     return ((seed * 1_000 + round_index) * 10_000 + step) * 10 + salt
 
 
+def worker_seed(stage: int, worker_index: int) -> int:
+    """Each rollout worker's generator seed within a stage, apart from every other stage's seed."""
+    return stage * 1009 + worker_index
+
+
 @dataclass
 class Actors:
     rollout_workers: List
@@ -200,8 +205,7 @@ class Pipeline:
         share = -(-len(prompts) // len(workers))
         parts = [prompts[i * share : (i + 1) * share] for i in range(len(workers))]
         temperature = self.config.rollout.temperature
-        # Each worker its own generator seed, apart from every other stage's seed.
-        futures = [w.generate.remote(part, n, temperature, seed * 1009 + i) for i, (w, part) in enumerate(zip(workers, parts)) if part]
+        futures = [w.generate.remote(part, n, temperature, worker_seed(seed, i)) for i, (w, part) in enumerate(zip(workers, parts)) if part]
         return Rollout.concatenate(ray.get(futures))
 
     def group_diagnostics(self, meta: Rollout, groups) -> Dict[str, float]:
