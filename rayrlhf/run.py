@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from rayrlhf.checkpoints import latest_checkpoint
-from rayrlhf.config import RunConfig, load_config, save_config
-from rayrlhf.errors import ConfigError, ModelSourceError, RayRLHFError
+from rayrlhf.cli import run_command
+from rayrlhf.config import RunConfig, save_config
+from rayrlhf.errors import ConfigError, ModelSourceError
 
 TABLE_COLUMNS = [
     ("round", "round", "{:.0f}"),
@@ -130,17 +131,13 @@ def format_table(history: List[Dict[str, float]]) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if argv else 2
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        config = load_config(argv[0], argv[1:])
+    def job(config: RunConfig) -> None:
         history = run(config)
-    except RayRLHFError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        print(format_table(history))
+        print(f"run directory: {config.run_dir}")
+
+    try:
+        return run_command(__doc__, argv, job)
     except KeyboardInterrupt:
         return 130
     except Exception as error:  # noqa: BLE001 - an actor's failure: show its traceback, not ours
@@ -148,9 +145,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"error: an actor failed:\n{error}", file=sys.stderr)
             return 1
         raise
-    print(format_table(history))
-    print(f"run directory: {config.run_dir}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -17,9 +17,10 @@ from typing import Dict, List, Optional
 import torch
 from tqdm import tqdm
 
-from rayrlhf.config import RunConfig, load_config, save_config
+from rayrlhf.cli import run_command
+from rayrlhf.config import RunConfig, save_config
 from rayrlhf.data.reward_data import RewardData, group_batches, prepare_reward_data, task_tokenizer
-from rayrlhf.errors import ConfigError, RayRLHFError
+from rayrlhf.errors import ConfigError
 from rayrlhf.metrics import MetricsLogger
 from rayrlhf.models.build import build_reward_model, load_tokenizer
 from rayrlhf.training.distributed import init_distributed, exit_distributed_process
@@ -114,19 +115,13 @@ def print_summary(before: Dict[str, float], after: Dict[str, float], data: Rewar
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if argv else 2
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        config = load_config(argv[0], argv[1:])
+    def job(config: RunConfig) -> None:
         train_reward_model(config, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
-    except RayRLHFError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    exit_distributed_process()
-    return 0
+
+    code = run_command(__doc__, argv, job)
+    if code == 0:
+        exit_distributed_process()
+    return code
 
 
 if __name__ == "__main__":
