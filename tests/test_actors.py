@@ -7,8 +7,10 @@ import ray
 import torch
 
 from rayrlhf.actors.placement import RankGroup, reserve, start_actor
+from rayrlhf.actors.ppo_trainer import PPOTrainer
 from rayrlhf.actors.reward_learner import RewardLearner
 from rayrlhf.config import SyntheticTask, load_config
+from rayrlhf.data.rollouts import Rollout
 from rayrlhf.data.synthetic import SyntheticPreferenceTask
 from rayrlhf.pipeline import Pipeline, load_prompt_sets, start_actors
 from rayrlhf import run
@@ -84,6 +86,45 @@ def test_two_reward_learner_ranks_make_the_one_rank_metarm_update(tmp_path):
     for name, one_rank in weights[1].items():
         torch.testing.assert_close(weights[2][name], one_rank, atol=2e-5, rtol=0)
     assert max((weights[1][n] - initial[n]).abs().max().item() for n in initial) > 1e-3  # the steps moved the RM
+
+
+def ppo_update(config, ranks: int, rollout, scores):
+    """One PPO step on a group of `ranks` PPO trainers; returns the policy weights before and after."""
+    group = reserve(config.resources)
+    trainer = RankGroup([start_actor(PPOTrainer, group, rank, config.resources, config, rank, ranks) for rank in range(ranks)])
+    try:
+        trainer.form_process_group()
+        trainer.call("build", None, None)
+        before = trainer.call_first("policy_weights")
+        trainer.call("ppo_step", rollout, scores, 0.05, 7, 1)
+        return before, trainer.call_first("policy_weights")
+    finally:
+        for actor in trainer.actors:
+            ray.kill(actor)
+        ray.util.remove_placement_group(group)
+
+
+def test_two_ppo_ranks_make_the_one_rank_update(tmp_path):
+    task = SyntheticPreferenceTask(SyntheticTask(num_prompts=400), seed=0)
+    tokenizer = task.tokenizer()
+    prompts = [text for _, text in task.prompts()[:4]]
+    generator = torch.Generator().manual_seed(0)
+    # Rank 0's rows have short responses, rank 1's long ones: unequal token counts per rank.
+    lengths = [2, 3, 1, 2, 9, 7, 11, 8]
+    responses = [torch.randint(6, len(tokenizer), (n,), generator=generator).tolist() for n in lengths]
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts for _ in range(2)]
+    rollout = Rollout([p for p in prompts for _ in range(2)], prompt_ids, responses, [""] * 8,
+                      [[0.0] * n for n in lengths], group_size=2)
+    scores = [0.5, -0.3, 0.9, 0.1, -0.7, 0.4, 0.2, -0.1]
+    results = {}
+    for ranks in (1, 2):
+        config = tiny_config(tmp_path, "ppo.rollout_batch_size=4", "rollout.n_per_prompt=2", "ppo.mini_batches=1", "ppo.epochs=2",
+                             "ppo.policy_lr=1e-3", "ppo.critic_lr=1e-3", f"resources.ppo_ranks={ranks}", "resources.cpus_per_actor=0.5")
+        results[ranks] = ppo_update(config, ranks, rollout, scores)
+    (initial, one), (_, two) = results[1], results[2]
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=2e-5, rtol=0)
+    assert max((one[n] - initial[n]).abs().max().item() for n in one) > 1e-3  # the step moved the policy
 
 
 def test_more_cpus_or_gpus_than_the_cluster_has_are_refused_before_any_actor(tmp_path, capsys):

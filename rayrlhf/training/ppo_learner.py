@@ -1,8 +1,9 @@
 """PPO on DeepSpeed engines: the policy and the critic train, a frozen reference anchors the KL penalty.
 
 One instance per rank. Every rank gets its own equal share of a rollout; the engines average gradients
-over ranks and advantages are whitened with statistics summed over ranks, so the update equals the
-one-rank update on the whole rollout. Per step (Ouyang et al. 2022; the MetaRM paper's settings):
+over ranks, advantages are whitened with statistics summed over ranks, and each rank's token-mean loss is
+weighted by its share of the mini-batch's tokens (ranks' responses differ in length), so the update
+equals the one-rank update on the whole rollout. Per step (Ouyang et al. 2022; the MetaRM paper's settings):
 
     old log π, log π_ref, V                    one no-grad pass over the rollout
     r_t = -β KL_t (+ clip(r(x, y)) on the last token)     rayrlhf/algos/rewards.py
@@ -86,7 +87,7 @@ class PPOLearner:
         batch = collate_sequences(prompt_ids, response_ids, self.pad_id).to(self.device)
         log_probs, _ = response_log_probs(self.policy, batch)
         loss = -masked_mean(log_probs, batch.response_mask.float())
-        self.policy.backward(loss)
+        self.policy.backward(loss * _token_share(batch.response_mask.float()))
         self.policy.step()
         return {"sft_loss": _mean_over_ranks(loss.item())}
 
@@ -146,14 +147,15 @@ class PPOLearner:
 
     def _update(self, part: Dict) -> Dict[str, float]:
         settings, batch, mask = self.settings, part["batch"], part["mask"]
-        log_probs, entropy = response_log_probs(self.policy, batch)
+        share = _token_share(mask)
+        log_probs, _ = response_log_probs(self.policy, batch)
         policy_loss, policy_metrics = clipped_policy_loss(
             log_probs, part["old_log_probs"], part["advantages"], mask, settings.clip_range)
-        self.policy.backward(policy_loss)
+        self.policy.backward(policy_loss * share)
         self.policy.step()
         values = response_values(self.critic, batch)
         value_loss, value_metrics = clipped_value_loss(values, part["values"], part["returns"], mask, settings.value_clip_range)
-        self.critic.backward(value_loss)
+        self.critic.backward(value_loss * share)
         self.critic.step()
         return {"policy_loss": policy_loss.item(), "value_loss": value_loss.item(),
                 **{k: v.item() for k, v in {**policy_metrics, **value_metrics}.items()}}
@@ -209,6 +211,16 @@ def _padded(rows: Sequence[Sequence[float]], shape) -> torch.Tensor:
     for i, row in enumerate(rows):
         out[i, : len(row)] = torch.tensor(row)
     return out
+
+
+def _token_share(mask: torch.Tensor) -> torch.Tensor:
+    """This rank's tokens over the mean tokens per rank: weighting a rank's token-mean loss by it makes the
+    rank-averaged gradient the gradient of the token mean over the whole global mini-batch."""
+    tokens = mask.sum()
+    total = tokens.detach().clone()
+    _sum_over_ranks(total)
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    return tokens * world_size / total.clamp(min=1)
 
 
 def _sum_over_ranks(tensor: torch.Tensor) -> None:
