@@ -63,9 +63,12 @@ def start_actor(actor_class, group: PlacementGroup, bundle_index: int, resources
 def prepare_actor_process(resources: ResourcesConfig) -> None:
     """Per actor process: torch threads to match the CPUs reserved, and quiet library loggers."""
     import logging
+    import os
 
     import torch
 
+    if resources.device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed then skips probing for a GPU (and warning)
     torch.set_num_threads(max(1, int(resources.cpus_per_actor)))
     for name in ("DeepSpeed", "transformers", "datasets"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -57,10 +57,27 @@ class RewardLearner(RankActor):
         """Vanilla Bradley-Terry epochs on the preference data (before round 1)."""
         reward = self.config.reward
         torch.manual_seed(self.config.seed)
+        progress = self._progress("initial RM (vanilla)", reward.initial_epochs, reward.initial_max_steps)
         history = train_steps(self.trainer, self.data.train, self.pad_id, batch_size=reward.batch_size,
                               epochs=reward.initial_epochs, max_steps=reward.initial_max_steps, rank=self.rank,
-                              world_size=self.world_size, seed=self.config.seed)
+                              world_size=self.world_size, seed=self.config.seed, on_step=progress)
         return _summary(history, "initial_rm")
+
+    def _progress(self, description: str, epochs: int, max_steps: Optional[int]):
+        """An on_step callback that moves a progress bar shown by the driver (rank 0 only)."""
+        if self.rank != 0:
+            return None
+        from ray.experimental.tqdm_ray import tqdm
+
+        steps = epochs * (len(self.data.train) // self.config.reward.batch_size)
+        bar = tqdm(desc=description, total=min(steps, max_steps or steps))
+
+        def on_step(step: int, values: Dict[str, float]) -> None:
+            bar.update(1)
+            if step == bar.total:
+                bar.close()
+
+        return on_step
 
     def train_round(self, round_index: int, meta_groups: Optional[MetaGroups]) -> Dict[str, float]:
         """This round's RM training: MetaRM with the given meta data (or the fixed data.meta), or vanilla."""
@@ -71,9 +88,10 @@ class RewardLearner(RankActor):
             groups = self.data.meta if meta_groups is None else [
                 [self._encode(prompt, response) for response in responses] for prompt, responses in meta_groups]
             meta_batches = group_batches(groups, reward.meta_batch_size, self.pad_id, self.rank, self.world_size, seed)
+        progress = self._progress(f"round {round_index} RM ({reward.method})", reward.epochs, reward.max_steps)
         history = train_steps(self.trainer, self.data.train, self.pad_id, batch_size=reward.batch_size,
                               epochs=reward.epochs, max_steps=reward.max_steps, rank=self.rank,
-                              world_size=self.world_size, seed=seed, meta_batches=meta_batches)
+                              world_size=self.world_size, seed=seed, meta_batches=meta_batches, on_step=progress)
         return _summary(history, "rm")
 
     # ---- scoring and evaluation --------------------------------------------------------------------
