@@ -11,6 +11,7 @@
 Every stage's seed is derived from (config.seed, round, step), so a run is reproducible and a resumed run
 replays exactly what the uninterrupted one would have done.
 """
+import json
 import random
 import sys
 import time
@@ -176,6 +177,7 @@ class Pipeline:
             meta = self.generate(meta_prompts, config.reward.samples_per_prompt, stage_seed(config.seed, round_index, 0, 3))
             groups = _groups(meta)
             summary["meta_sampling_seconds"] = time.perf_counter() - started
+            self.save_samples(round_index, groups)
             summary.update(_prefixed("before_rm_", self.group_diagnostics(meta, groups)))
             bar.update()
 
@@ -207,6 +209,14 @@ class Pipeline:
         temperature = self.config.rollout.temperature
         futures = [w.generate.remote(part, n, temperature, worker_seed(seed, i)) for i, (w, part) in enumerate(zip(workers, parts)) if part]
         return Rollout.concatenate(ray.get(futures))
+
+    def save_samples(self, round_index: int, groups) -> None:
+        """The round's meta data as JSONL (prompt, responses): to read, or to reuse as fixed meta data."""
+        folder = self.run_dir / "samples"
+        folder.mkdir(exist_ok=True)
+        with open(folder / f"round_{round_index:04d}_meta.jsonl", "w", encoding="utf-8") as handle:
+            for prompt, responses in groups:
+                handle.write(json.dumps({"prompt": prompt, "responses": responses}) + "\n")
 
     def group_diagnostics(self, meta: Rollout, groups) -> Dict[str, float]:
         """Reward-difference statistics of the RM on the policy's k samples per prompt, and (synthetic task)

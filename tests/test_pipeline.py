@@ -10,9 +10,11 @@ import time
 import pytest
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from rayrlhf.config import DataSource, SyntheticTask
+from rayrlhf.data.sources import load_preference_pairs
 from rayrlhf.faults import FAULT_VARIABLE
 
-from conftest import GPT2_TOKENIZER, ROOT, child_env, shared_file
+from conftest import GPT2_TOKENIZER, ROOT, SHARED_DATA, child_env, shared_file
 
 pytestmark = pytest.mark.slow
 TIMING_SUFFIXES = ("_seconds", "_per_second")
@@ -126,3 +128,25 @@ def test_tldr_config_with_a_tiny_policy_writes_a_complete_run_dir(tmp_path):
     assert summary["rm_steps"] == 2 and summary["reward_difference_pairs"] == 4
     policy = AutoModelForCausalLM.from_pretrained(run_dir / "policy")
     assert policy.config.vocab_size == 50257
+
+
+def test_hh_config_samples_meta_data_on_the_harmless_domain_and_resets_the_rm_each_round(tmp_path):
+    shared_file("data", "hh", "helpful-base-test.jsonl.gz")
+    run_dir = tmp_path / "hh"
+    run_main(
+        "conf/hh.yaml", f"run_dir={run_dir}", "rounds=2", "reward.reset_each_round=true",
+        "policy.source=tiny", f"policy.tokenizer={GPT2_TOKENIZER}", "reward_model.source=tiny", f"reward_model.tokenizer={GPT2_TOKENIZER}",
+        "data.preference.max_records=200", "data.meta_prompts.max_records=50", "data.target_eval.max_records=40",
+        "data.max_prompt_tokens=48", "data.max_response_tokens=16", "rollout.max_new_tokens=8",
+        "reward.initial_max_steps=2", "reward.max_steps=2", "reward.meta_prompts_per_round=4", "reward.samples_per_prompt=2",
+        "ppo.steps_per_round=2", "ppo.rollout_batch_size=4",
+    )
+    summaries = records(run_dir, "round")
+    assert [s["round"] for s in summaries] == [1, 2]
+    assert all(s["target_pairs"] == 40 and s["rm_steps"] == 2 for s in summaries)
+    harmless = load_preference_pairs(DataSource(format="hh", path=str(SHARED_DATA / "hh" / "harmless-base-test.jsonl.gz"), max_records=50),
+                                     SyntheticTask(), 0).pairs["prompt"]
+    for round_index in (1, 2):
+        lines = (run_dir / "samples" / f"round_{round_index:04d}_meta.jsonl").read_text().splitlines()
+        groups = [json.loads(line) for line in lines]
+        assert len(groups) == 4 and all(g["prompt"] in harmless and len(g["responses"]) == 2 for g in groups)
