@@ -7,7 +7,7 @@ Joins the Ray cluster named by RAY_ADDRESS (as under `ray job submit`) or starts
 that can be checked is checked before any actor starts: the config, the data, the model sources, the
 rollout engine, the resources against the cluster. Writes run_dir: config.yaml, metrics.jsonl,
 tensorboard/, checkpoints/, reference/, and at the end policy/ and reward_model/ as transformers folders,
-rounds.csv and a per-round table. `resume=true` continues from the last checkpoint; Ctrl-C keeps it.
+rounds.csv, rounds.png and a per-round table. `resume=true` continues from the last checkpoint; Ctrl-C keeps it.
 """
 import csv
 import importlib.util
@@ -21,6 +21,7 @@ from rayrlhf.checkpoints import latest_checkpoint
 from rayrlhf.cli import run_command
 from rayrlhf.config import RunConfig, save_config
 from rayrlhf.errors import ConfigError, ModelSourceError
+from rayrlhf.plots import plot_rounds
 
 TABLE_COLUMNS = [
     ("round", "round", "{:.0f}"),
@@ -111,6 +112,7 @@ def run(config: RunConfig) -> List[Dict[str, float]]:
         pipeline.close()
         actors.stop()
     write_rounds(history, run_dir / "rounds.csv")
+    plot_rounds(history, run_dir / "rounds.png")
     return history
 
 

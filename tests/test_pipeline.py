@@ -56,7 +56,7 @@ def test_embedded_default_prints_the_round_table_and_writes_a_complete_run_dir(d
     for column in ("rdiff", "gold", "KL", "RM"):
         assert column in header
     assert [row[0] for row in rows] == ["1", "2", "3", "4"]
-    for name in ("config.yaml", "rounds.csv", "tensorboard", "reference", "policy", "reward_model"):
+    for name in ("config.yaml", "rounds.csv", "rounds.png", "samples", "tensorboard", "reference", "policy", "reward_model"):
         assert (run_dir / name).exists(), name
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round_0000", "round_0003", "round_0004"]
     AutoModelForCausalLM.from_pretrained(run_dir / "policy")
