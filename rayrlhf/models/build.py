@@ -112,9 +112,20 @@ def build_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, seed: i
         return model.to(_dtype(spec))
     location, gguf_file = resolve_source(spec)
     model = _from_pretrained(AutoModelForCausalLM, location, gguf_file, spec, dtype=_dtype(spec))
+    if gguf_file:
+        _forget_gguf_origin(model)
     if gguf_file == SMOLLM2_GGUF:
         model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
+
+
+def _forget_gguf_origin(model: PreTrainedModel) -> None:
+    """A GGUF file is de-quantized into ordinary float tensors on load, but transformers still marks the
+    model as quantized and then refuses save_pretrained. The tensors are plain, so drop the mark."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
 
 
 def build_reward_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> PreTrainedModel:
@@ -124,6 +135,8 @@ def build_reward_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, seed
         return LlamaForSequenceClassification(tiny_llama_config(spec, tokenizer)).to(_dtype(spec))
     location, gguf_file = resolve_source(spec)
     model = _from_pretrained(AutoModelForSequenceClassification, location, gguf_file, spec, num_labels=1, dtype=_dtype(spec))
+    if gguf_file:
+        _forget_gguf_origin(model)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
 
@@ -135,14 +148,7 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folde
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    try:
-        model.save_pretrained(staging, safe_serialization=True)
-    except Exception:  # noqa: BLE001 - GGUF-loaded models refuse save_pretrained; save the tensors ourselves
-        from safetensors.torch import save_file
-
-        model.config.save_pretrained(staging)
-        state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
-        save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
+    model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
     if folder.exists():
         shutil.rmtree(folder)
