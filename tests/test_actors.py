@@ -1,5 +1,6 @@
 """The actors on a real local Ray instance: weight sync into the rollout workers, the reward learner's
 rank group against one rank, and bad input refused before any actor starts."""
+import contextlib
 import importlib.util
 
 import pytest
@@ -59,18 +60,25 @@ def test_rollout_workers_generate_with_the_new_weights_after_a_ppo_update(tmp_pa
         actors.stop()
 
 
+@contextlib.contextmanager
+def rank_group(actor_class, config, ranks: int):
+    """`ranks` actors of actor_class forming one process group; killed and unreserved afterwards."""
+    reservation = reserve(config.resources)
+    group = RankGroup([start_actor(actor_class, reservation, rank, config.resources, config, rank, ranks) for rank in range(ranks)])
+    try:
+        group.form_process_group()
+        yield group
+    finally:
+        for actor in group.actors:
+            ray.kill(actor)
+        ray.util.remove_placement_group(reservation)
+
+
 def trained_reward_model(config, ranks: int, groups):
     """Three MetaRM steps on a rank group of `ranks` reward learners; returns the parameters."""
-    group = reserve(config.resources)
-    learner = RankGroup([start_actor(RewardLearner, group, rank, config.resources, config, rank, ranks) for rank in range(ranks)])
-    try:
-        learner.form_process_group()
+    with rank_group(RewardLearner, config, ranks) as learner:
         learner.call("train_round", 1, groups)
         return learner.call_first("critic_weights")
-    finally:
-        for actor in learner.actors:
-            ray.kill(actor)
-        ray.util.remove_placement_group(group)
 
 
 def test_two_reward_learner_ranks_make_the_one_rank_metarm_update(tmp_path):
@@ -90,18 +98,11 @@ def test_two_reward_learner_ranks_make_the_one_rank_metarm_update(tmp_path):
 
 def ppo_update(config, ranks: int, rollout, scores):
     """One PPO step on a group of `ranks` PPO trainers; returns the policy weights before and after."""
-    group = reserve(config.resources)
-    trainer = RankGroup([start_actor(PPOTrainer, group, rank, config.resources, config, rank, ranks) for rank in range(ranks)])
-    try:
-        trainer.form_process_group()
+    with rank_group(PPOTrainer, config, ranks) as trainer:
         trainer.call("build", None, None)
         before = trainer.call_first("policy_weights")
         trainer.call("ppo_step", rollout, scores, 0.05, 7, 1)
         return before, trainer.call_first("policy_weights")
-    finally:
-        for actor in trainer.actors:
-            ray.kill(actor)
-        ray.util.remove_placement_group(group)
 
 
 def test_two_ppo_ranks_make_the_one_rank_update(tmp_path):
