@@ -78,6 +78,7 @@ class Actors:
 
     def stop(self) -> None:
         """Kill every actor and free the reservation (on a shared cluster nothing must linger)."""
+        ray.wait([worker.shutdown.remote() for worker in self.rollout_workers], num_returns=len(self.rollout_workers), timeout=60)
         for actor in self.rollout_workers + self.reward_learner.actors + self.ppo_trainer.actors:
             ray.kill(actor)
         ray.util.remove_placement_group(self.placement)

