@@ -81,7 +81,14 @@ class VLLMEngine:
     def load_weights(self, weights: Dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save
 
-        blob = save({name: tensor.contiguous() for name, tensor in weights.items()})
+        # Tied tensors (e.g. lm_head = embed_tokens) are sent once: vLLM ties them itself, and safetensors
+        # refuses shared storage.
+        unique, seen = {}, set()
+        for name, tensor in weights.items():
+            if tensor.data_ptr() not in seen:
+                seen.add(tensor.data_ptr())
+                unique[name] = tensor.contiguous()
+        blob = save(unique)
         self.llm.collective_rpc("receive_weights", args=(blob,))
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
 
