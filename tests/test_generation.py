@@ -2,13 +2,16 @@
 computation: transformers' own greedy `generate` on each unpadded prompt, a plain full forward pass for the
 log-probs, and hand-worked probabilities for the top-p filter.
 """
+import copy
 import math
 
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from rayrlhf.models.generation import generate, top_p_filter
+from rayrlhf.models.generation import TransformersEngine, generate
+from rayrlhf.models.sampling import next_tokens, top_p_filter
+from rayrlhf.models.static_decoding import GROUPED_DECODE_ATTENTION, StaticCacheDecoder
 
 EOS, PAD = 1, 0
 PROMPTS = [[3, 5, 7], [3, 9, 11, 13, 15, 17, 19], [3, 22], [3, 30, 31, 32, 33]]  # different lengths
@@ -111,3 +114,42 @@ def test_restores_training_mode(model):
         model.eval()
     sample(model, max_new_tokens=2)
     assert not model.training
+
+
+def test_a_reused_decoder_matches_a_fresh_one_across_widths_and_batch_sizes(model):
+    """The engine keeps one decoder: its cache, sized by the first call, serves narrower and then wider calls."""
+    reused = StaticCacheDecoder(model, use_cuda_graph=False)
+    calls = [dict(n=2, max_new_tokens=12), dict(n=2, max_new_tokens=3), dict(n=1, max_new_tokens=60), dict(n=2, max_new_tokens=1)]
+    for call in calls:
+        settings = {"temperature": 0.9, "top_p": 0.95, "eos_token_id": EOS, "pad_token_id": PAD, "seed": 3, **call}
+        fresh = generate(model, PROMPTS, **settings)
+        again = generate(model, PROMPTS, decoder=reused, **settings)
+        assert again.response_ids == fresh.response_ids
+        assert all(len(r) <= call["max_new_tokens"] for r in again.response_ids)
+
+
+def test_sampled_token_frequencies_follow_the_nucleus_distribution():
+    """Hand-worked: probabilities (0.5, 0.3, 0.15, 0.05) at top-p 0.9 keep the first three, renormalised to
+    (0.5, 0.3, 0.15) / 0.95; 40,000 draws land within 0.01 of each."""
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().expand(40_000, 4)
+    tokens = next_tokens(logits, 1.0, 0.9, torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(tokens, minlength=4).float() / len(tokens)
+    torch.testing.assert_close(frequencies, torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95, atol=0.01, rtol=0)
+
+
+def test_grouped_decode_attention_gives_sdpa_results():
+    """The engine switches a grouped-KV model (4 query heads, 2 KV heads) to grouped_decode_attention; a copy on
+    transformers' SDPA decodes the same tokens with the same log-probs."""
+    config = LlamaConfig(vocab_size=40, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=128, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=3)
+    torch.manual_seed(0)
+    grouped, reference = LlamaForCausalLM(config).eval(), LlamaForCausalLM(copy.deepcopy(config)).eval()
+    reference.load_state_dict(grouped.state_dict())
+    engine = TransformersEngine(grouped, PAD)
+    assert grouped.config._attn_implementation == GROUPED_DECODE_ATTENTION
+    assert reference.config._attn_implementation == "sdpa"
+    settings = {"n": 2, "temperature": 1.0, "top_p": 0.9, "max_new_tokens": 20, "eos_token_id": EOS, "seed": 1}
+    ours, theirs = engine.generate(PROMPTS, **settings), generate(reference, PROMPTS, pad_token_id=PAD, **settings)
+    assert ours.response_ids == theirs.response_ids
+    torch.testing.assert_close(torch.tensor(sum(ours.response_log_probs, [])),
+                               torch.tensor(sum(theirs.response_log_probs, [])), atol=1e-5, rtol=0)
