@@ -189,6 +189,12 @@ class RolloutConfig(Schema):
     top_p: float = Field(0.9, gt=0, le=1)
     max_new_tokens: int = Field(64, gt=0)
     n_per_prompt: int = Field(1, gt=0)
+    logprob_mismatch_warning: float = Field(1e-2, ge=0)
+    """Warn when the mean |engine log-prob - trainer log-prob| of a PPO step's tokens exceeds this: the engine
+    and the trainer then disagree about the policy (stale weights, a dtype or kernel mismatch), and PPO's
+    importance ratios are off from the first epoch."""
+    weight_sync_bucket_mb: float = Field(64, gt=0)
+    """Weights go to the rollout workers in buckets of about this size, one at a time."""
 
 
 class ResourcesConfig(Schema):

@@ -12,6 +12,7 @@ Every stage's seed is derived from (config.seed, round, step), so a run is repro
 replays exactly what the uninterrupted one would have done.
 """
 import json
+import logging
 import random
 import sys
 import time
@@ -37,6 +38,18 @@ from rayrlhf.data.synthetic import SyntheticPreferenceTask
 from rayrlhf.metrics import MetricsLogger
 
 import torch
+
+
+logger = logging.getLogger(__name__)
+
+
+def logprob_mismatch_warning(mismatch: float, threshold: float, step: int) -> Optional[str]:
+    """The warning for a PPO step whose engine and trainer log-probs differ by more than `threshold`, else None."""
+    if mismatch <= threshold:
+        return None
+    return (f"PPO step {step}: the rollout engine's log-probs differ from the trainer's by {mismatch:.3g} per token "
+            f"on average (rollout.logprob_mismatch_warning={threshold:g}); the engine may hold stale weights or "
+            "compute in another dtype, and PPO's importance ratios start off 1")
 
 
 @dataclass
@@ -262,6 +275,9 @@ class Pipeline:
         if self.task is not None:
             metrics["gold_reward"] = sum(map(self.task.gold_reward, rollout.prompt_texts, rollout.response_texts)) / len(rollout)
         self.metrics.log("ppo", self.global_step, {"round": round_index, "kl_coefficient": kl_coefficient, **metrics})
+        warning = logprob_mismatch_warning(metrics["logprob_mismatch"], config.rollout.logprob_mismatch_warning, self.global_step)
+        if warning:
+            logger.warning(warning)
         return metrics
 
     def sync_weights(self) -> None:

@@ -126,13 +126,15 @@ def test_a_finished_run_dir_is_not_overwritten(default_run):
 def test_tldr_config_with_a_tiny_policy_writes_a_complete_run_dir(tmp_path):
     shared_file("data", "tldr", "comparisons_batch13.jsonl")
     run_dir = tmp_path / "tldr"
-    run_main(
+    result = run_main(
         "conf/tldr.yaml", f"run_dir={run_dir}", "rounds=1",
         "policy.source=tiny", f"policy.tokenizer={GPT2_TOKENIZER}", "reward_model.source=tiny", f"reward_model.tokenizer={GPT2_TOKENIZER}",
         "data.max_prompt_tokens=48", "data.max_response_tokens=16", "rollout.max_new_tokens=8",
         "reward.initial_max_steps=2", "reward.max_steps=2", "reward.meta_prompts_per_round=4", "reward.samples_per_prompt=2",
-        "ppo.steps_per_round=2", "ppo.rollout_batch_size=4",
+        "ppo.steps_per_round=2", "ppo.rollout_batch_size=4", "rollout.logprob_mismatch_warning=0",
     )
+    # At threshold 0 any difference warns, once per PPO step, naming the setting.
+    assert result.stderr.count("rollout.logprob_mismatch_warning=0") == 2
     summary, = records(run_dir, "round")
     assert summary["target_pairs"] == 437 and 0 <= summary["target_accuracy"] <= 1
     assert summary["rm_steps"] == 2 and summary["reward_difference_pairs"] == 4
@@ -167,3 +169,4 @@ def test_the_run_leaves_no_engine_processes_or_shared_memory_and_logs_the_logpro
     assert not leftovers
     mismatches = [step["logprob_mismatch"] for step in records(run_dir, "ppo")]
     assert len(mismatches) == 32 and all(0 <= m < 1e-3 for m in mismatches)  # fp32: engine and trainer agree
+    assert "logprob_mismatch_warning" not in default_run[1].stderr  # under the default threshold: no warning

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from rayrlhf.pipeline import logprob_mismatch_warning
 from rayrlhf.algos.ppo import entropy_from_logits, gather_log_probs, masked_whiten
 from rayrlhf.algos.rewards import gold_pair_accuracy
 from rayrlhf.data.rollouts import collate_sequences
@@ -39,3 +40,9 @@ def test_collate_sequences_points_each_response_token_at_the_logits_that_predict
     # the token after each position is the response token it predicts
     following = batch.input_ids.gather(1, batch.response_positions + 1 * batch.response_mask)
     assert (following * batch.response_mask).tolist() == (batch.response_tokens * batch.response_mask).tolist()
+
+
+def test_logprob_mismatch_warns_only_above_the_threshold():
+    assert logprob_mismatch_warning(0.01, 0.01, step=3) is None
+    message = logprob_mismatch_warning(0.05, 0.01, step=3)
+    assert "PPO step 3" in message and "0.05" in message and "rollout.logprob_mismatch_warning=0.01" in message
