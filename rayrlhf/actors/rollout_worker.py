@@ -35,7 +35,8 @@ class RolloutWorker:
             save_model(model, self.tokenizer, f"{self.model_folder}/policy")
             max_model_len = config.data.max_prompt_tokens + config.rollout.max_new_tokens
             self.engine = VLLMEngine(f"{self.model_folder}/policy", device=config.resources.device,
-                                     dtype=config.policy.dtype, seed=config.seed, max_model_len=max_model_len)
+                                     dtype=config.policy.dtype, seed=config.seed, max_model_len=max_model_len,
+                                     in_process=config.rollout.vllm_in_process)
         else:
             self.engine = TransformersEngine(model, self.tokenizer.pad_token_id)
         self.weights_version = -1

@@ -37,11 +37,19 @@ class WeightReceiver:
 
         self.reload_weights(weights_iterator=iter(load(blob).items()))
 
+    def receive_tensors(self, weights: Dict[str, torch.Tensor]) -> None:
+        """In-process mode: the trainer's tensors arrive as they are, with no serialisation."""
+        self.reload_weights(weights_iterator=iter(weights.items()))
+
 
 class VLLMEngine:
     """One vLLM engine over a transformers model folder (the policy as built, later updated in place)."""
 
-    def __init__(self, model_folder: str, *, device: str, dtype: str, seed: int, max_model_len: int):
+    def __init__(self, model_folder: str, *, device: str, dtype: str, seed: int, max_model_len: int,
+                 in_process: bool = False):
+        # In-process mode runs the engine core in this process: no process to pin a core or to ship weights to.
+        self.in_process = in_process
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
         if device == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(KV_CACHE_GIB_ON_CPU))
         from vllm import LLM
@@ -88,8 +96,10 @@ class VLLMEngine:
             if tensor.data_ptr() not in seen:
                 seen.add(tensor.data_ptr())
                 unique[name] = tensor.contiguous()
-        blob = save(unique)
-        self.llm.collective_rpc("receive_weights", args=(blob,))
+        if self.in_process:
+            self.llm.collective_rpc("receive_tensors", args=(unique,))
+        else:
+            self.llm.collective_rpc("receive_weights", args=(save(unique),))
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
 
     def shutdown(self) -> None:
