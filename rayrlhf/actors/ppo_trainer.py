@@ -6,6 +6,7 @@ out the policy weights for the rollout workers.
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+import ray
 import torch
 
 from rayrlhf.config import RunConfig
@@ -18,6 +19,7 @@ from rayrlhf.training.distributed import init_distributed, teardown_distributed
 from rayrlhf.training.ppo_learner import PPOLearner
 
 from rayrlhf.actors.placement import RankActor, prepare_actor_process
+from rayrlhf.actors.weight_sync import BroadcastGroup, TensorSlot, distinct_tensors, pack_bucket, plan_buckets
 
 
 class PPOTrainer(RankActor):
@@ -72,6 +74,21 @@ class PPOTrainer(RankActor):
 
     def policy_weights(self) -> Dict[str, torch.Tensor]:
         return self.learner.policy_weights()
+
+    # ---- weight sync into the rollout workers (rank 0 only; rayrlhf/actors/weight_sync.py) ----
+    def policy_bucket_plan(self, bucket_bytes: int) -> List[List[TensorSlot]]:
+        return plan_buckets(distinct_tensors(self.learner.policy.module.state_dict()), bucket_bytes)
+
+    def policy_to_object_store(self, bucket_bytes: int) -> List[ray.ObjectRef]:
+        """The policy as buckets in the object store: one (slots, uint8 array) object per bucket."""
+        tensors = distinct_tensors(self.learner.policy.module.state_dict())
+        return [ray.put((bucket, pack_bucket(tensors, bucket).cpu().numpy())) for bucket in plan_buckets(tensors, bucket_bytes)]
+
+    def join_weight_group(self, address: str, port: int, members: int) -> None:
+        self.weight_group = BroadcastGroup(address, port, 0, members, self.config.resources.device)
+
+    def broadcast_policy(self, plan: List[List[TensorSlot]]) -> None:
+        self.weight_group.send(distinct_tensors(self.learner.policy.module.state_dict()), plan)
 
     def greedy_decode(self, prompts: Sequence[str]) -> List[List[int]]:
         prompt_ids = encode_prompts(self.tokenizer, prompts, self.config.data.max_prompt_tokens)

@@ -9,9 +9,11 @@ import shutil
 import tempfile
 from typing import Dict, List
 
+import ray
 import torch
 
 from rayrlhf.actors.placement import prepare_actor_process
+from rayrlhf.actors.weight_sync import BroadcastGroup, TensorSlot, bucket_from_object_store, unpack_bucket
 from rayrlhf.config import RunConfig
 from rayrlhf.data.batches import encode_prompts, end_token_id
 from rayrlhf.data.reward_data import task_tokenizer
@@ -46,6 +48,21 @@ class RolloutWorker:
         self.engine.load_weights(weights)
         self.weights_version = version
         return version
+
+    def load_weight_buckets(self, buckets: List[ray.ObjectRef], version: int) -> int:
+        """Take the policy from the object store, bucket by bucket (rayrlhf/actors/weight_sync.py)."""
+        weights = {}
+        for reference in buckets:
+            slots, array = ray.get(reference)
+            weights.update(unpack_bucket(bucket_from_object_store(array), slots))
+        return self.load_weights(weights, version)
+
+    def join_weight_group(self, address: str, port: int, member: int, members: int) -> None:
+        self.weight_group = BroadcastGroup(address, port, member, members, self.config.resources.device)
+
+    def receive_policy(self, plan: List[List[TensorSlot]], version: int) -> int:
+        """Take the policy from the trainer's broadcast."""
+        return self.load_weights(self.weight_group.receive(plan), version)
 
     def generate(self, prompts: List[str], n: int, temperature: float, seed: int) -> Rollout:
         """n responses per prompt (prompt-major rows), with the configured top_p and max_new_tokens."""

@@ -70,10 +70,15 @@ class TransformersEngine:
         return generate(self.model, prompts, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                         eos_token_id=eos_token_id, pad_token_id=self.pad_token_id, seed=seed, decoder=self.decoder)
 
+    @torch.no_grad()
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        missing, unexpected = self.model.load_state_dict(weights, strict=False)
-        if missing or unexpected:
-            raise RuntimeError(f"policy weights do not match the engine's model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        """Copy the named tensors into the model in place (a tied tensor sent once updates both of its names)."""
+        state = self.model.state_dict()
+        unknown = [name for name in weights if name not in state]
+        if unknown:
+            raise RuntimeError(f"policy weights do not match the engine's model: unknown names {unknown[:5]}")
+        for name, tensor in weights.items():
+            state[name].copy_(tensor)
 
     def shutdown(self) -> None:
         """Nothing outlives this engine."""
