@@ -196,9 +196,10 @@ class RolloutConfig(Schema):
     """Warn when the mean |engine log-prob - trainer log-prob| of a PPO step's tokens exceeds this: the engine
     and the trainer then disagree about the policy (stale weights, a dtype or kernel mismatch), and PPO's
     importance ratios are off from the first epoch."""
-    weight_sync: Literal["object_store", "broadcast"] = "object_store"
-    """How the policy reaches the rollout workers (rayrlhf/actors/weight_sync.py): Ray's object store, or a
-    broadcast in a process group of the trainer's rank 0 and the workers (NCCL on GPUs, gloo on CPU)."""
+    weight_sync: Literal["object_store", "broadcast", "cuda_ipc"] = "object_store"
+    """How the policy reaches the rollout workers (rayrlhf/actors/weight_sync.py): Ray's object store; a
+    broadcast in a process group of the trainer's rank 0 and the workers (NCCL on GPUs, gloo on CPU); or CUDA
+    IPC handles, for a trainer and workers sharing one GPU."""
     weight_sync_bucket_mb: float = Field(64, gt=0)
     """Weights go to the rollout workers in buckets of about this size, one at a time."""
 
@@ -253,6 +254,9 @@ class RunConfig(Schema):
                 f"rollout.weight_sync='broadcast' on cuda needs a GPU per actor (NCCL refuses two members on one GPU), "
                 f"but resources.gpus_per_actor={resources.gpus_per_actor}: use rollout.weight_sync='object_store'"
             )
+        if self.rollout.weight_sync == "cuda_ipc" and resources.device != "cuda":
+            raise ValueError("rollout.weight_sync='cuda_ipc' shares GPU memory and needs resources.device='cuda'; "
+                             "on CPU use 'object_store' or 'broadcast'")
         if self.sft.steps and self.sft.batch_size % ppo_ranks:
             raise ValueError(f"sft.batch_size={self.sft.batch_size} must be divisible by resources.ppo_ranks={ppo_ranks}")
         reward, data = self.reward, self.data

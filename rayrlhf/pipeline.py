@@ -291,6 +291,10 @@ class Pipeline:
             buckets = trainer.policy_to_object_store.remote(bucket_bytes)  # resolved in each worker, not here
             ray.get([w.load_weight_buckets.remote(buckets, self.weights_version) for w in workers])
             return
+        if rollout.weight_sync == "cuda_ipc":
+            handles = trainer.policy_on_gpu.remote(bucket_bytes)
+            ray.get([w.load_shared_buckets.remote(handles, self.weights_version) for w in workers])
+            return
         if self.weight_plan is None:  # first sync: form the group, agree on the bucket layout
             address, port = ray.get(trainer.rendezvous_address.remote())
             members = 1 + len(workers)

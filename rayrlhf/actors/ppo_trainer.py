@@ -19,7 +19,8 @@ from rayrlhf.training.distributed import init_distributed, teardown_distributed
 from rayrlhf.training.ppo_learner import PPOLearner
 
 from rayrlhf.actors.placement import RankActor, prepare_actor_process
-from rayrlhf.actors.weight_sync import BroadcastGroup, TensorSlot, distinct_tensors, pack_bucket, plan_buckets
+from rayrlhf.actors.weight_sync import (BroadcastGroup, TensorSlot, distinct_tensors, pack_bucket, plan_buckets,
+                                        share_on_gpu)
 
 
 class PPOTrainer(RankActor):
@@ -83,6 +84,12 @@ class PPOTrainer(RankActor):
         """The policy as buckets in the object store: one (slots, uint8 array) object per bucket."""
         tensors = distinct_tensors(self.learner.policy.module.state_dict())
         return [ray.put((bucket, pack_bucket(tensors, bucket).cpu().numpy())) for bucket in plan_buckets(tensors, bucket_bytes)]
+
+    def policy_on_gpu(self, bucket_bytes: int) -> List[tuple]:
+        """(slots, CUDA IPC handle) per bucket; the buckets stay alive here until the next sync."""
+        tensors = distinct_tensors(self.learner.policy.module.state_dict())
+        self.shared_buckets = [(bucket, pack_bucket(tensors, bucket)) for bucket in plan_buckets(tensors, bucket_bytes)]
+        return [(bucket, share_on_gpu(flat)) for bucket, flat in self.shared_buckets]
 
     def join_weight_group(self, address: str, port: int, members: int) -> None:
         self.weight_group = BroadcastGroup(address, port, 0, members, self.config.resources.device)

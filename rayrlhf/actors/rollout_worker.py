@@ -13,7 +13,7 @@ import ray
 import torch
 
 from rayrlhf.actors.placement import prepare_actor_process
-from rayrlhf.actors.weight_sync import BroadcastGroup, TensorSlot, bucket_from_object_store, unpack_bucket
+from rayrlhf.actors.weight_sync import BroadcastGroup, TensorSlot, bucket_from_object_store, open_shared, unpack_bucket
 from rayrlhf.config import RunConfig
 from rayrlhf.data.batches import encode_prompts, end_token_id
 from rayrlhf.data.reward_data import task_tokenizer
@@ -56,6 +56,15 @@ class RolloutWorker:
             slots, array = ray.get(reference)
             weights.update(unpack_bucket(bucket_from_object_store(array), slots))
         return self.load_weights(weights, version)
+
+    def load_shared_buckets(self, handles: List[tuple], version: int) -> int:
+        """Take the policy from the trainer's GPU memory through CUDA IPC handles (same GPU)."""
+        weights = {}
+        for slots, handle in handles:
+            weights.update(unpack_bucket(open_shared(handle), slots))
+        version = self.load_weights(weights, version)
+        torch.cuda.synchronize()  # copied before the trainer may free or overwrite its buckets
+        return version
 
     def join_weight_group(self, address: str, port: int, member: int, members: int) -> None:
         self.weight_group = BroadcastGroup(address, port, member, members, self.config.resources.device)

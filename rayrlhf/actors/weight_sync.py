@@ -10,7 +10,9 @@ Two transports (rollout.weight_sync):
 - `broadcast`: rank 0 and the workers form a process group of their own (NCCL where everyone has a GPU,
   gloo on CPU) and rank 0 broadcasts the buckets; on GPUs the bytes go device to device, never through host
   memory. NCCL needs each member on a different GPU: with the trainer and the workers sharing one GPU, use
-  `object_store`.
+  `object_store` or `cuda_ipc`.
+- `cuda_ipc`: for actors sharing one GPU. Rank 0 packs the buckets on the GPU and hands out CUDA IPC handles;
+  each worker opens them in its own process and copies device to device. Nothing leaves the GPU.
 """
 import datetime
 import warnings
@@ -19,6 +21,7 @@ from typing import Dict, List
 
 import torch
 import torch.distributed as dist
+from torch.multiprocessing.reductions import reduce_tensor
 
 ALIGNMENT = 16  # bytes: every tensor starts aligned, so a view of the bucket can take any dtype
 GROUP_TIMEOUT = datetime.timedelta(minutes=10)
@@ -84,6 +87,17 @@ def bucket_from_object_store(array) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(array)
+
+
+def share_on_gpu(flat: torch.Tensor) -> tuple:
+    """A picklable CUDA IPC handle of a GPU tensor; the tensor must stay alive until every reader is done."""
+    return reduce_tensor(flat)
+
+
+def open_shared(handle: tuple) -> torch.Tensor:
+    """The GPU tensor behind a handle from `share_on_gpu`, opened in this process (same GPU, no copy)."""
+    rebuild, arguments = handle
+    return rebuild(*arguments)
 
 
 class BroadcastGroup:
