@@ -2,7 +2,7 @@
 
 Rank 0 lays the policy's tensors (tied ones once) end to end in flat byte buckets of about
 rollout.weight_sync_bucket_mb; a worker reads each bucket's tensors as views and copies them into its engine.
-Two transports (rollout.weight_sync):
+Three transports (rollout.weight_sync):
 
 - `object_store`: rank 0 puts each bucket into Ray's object store and the driver hands the references on.
   Workers on rank 0's node read the buckets from shared memory without a copy; other nodes get them over Ray's
