@@ -1,0 +1,97 @@
+"""The main job through `ray job submit` against a real Ray head that this module starts (loopback dashboard,
+Ray's default token auth) and stops (only its own processes, through the Cluster object that started them):
+the run's outputs land in the configured run_dir, a failing job's exit status and error reach the submitter,
+and a job stopped mid-run leaves a run dir that a second job resumes to the end.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from ray.cluster_utils import Cluster
+
+from conftest import ROOT, child_env
+from rayrlhf.checkpoints import checkpoint_path, latest_checkpoint, read_state
+from rayrlhf.training.distributed import free_port
+
+pytestmark = pytest.mark.slow
+RAY = str(Path(sys.executable).parent / "ray")
+# The repository travels as the job's working_dir; the venv stays behind (the entrypoint names its python).
+RUNTIME_ENV = json.dumps({"working_dir": str(ROOT), "excludes": [".venv", ".git", ".gpu", "runs", "*.pyc"]})
+QUICK = ["rollout.engine=hf", "sft.steps=10", "reward.initial_max_steps=10", "ppo.steps_per_round=4"]
+
+
+@pytest.fixture(scope="module")
+def job_env():
+    """A Ray head with its dashboard on loopback; the environment a `ray job` client needs to reach it."""
+    dashboard_port = free_port()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port})
+    try:
+        yield {**child_env(), "RAY_ADDRESS": f"http://127.0.0.1:{dashboard_port}", "RAY_AUTH_MODE": "token"}
+    finally:
+        cluster.shutdown()
+
+
+def ray_job(env: dict, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([RAY, "job", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def submit(env: dict, *run_args: str, wait: bool = True) -> subprocess.CompletedProcess:
+    return ray_job(env, "submit", *([] if wait else ["--no-wait"]), "--runtime-env-json", RUNTIME_ENV, "--",
+                   sys.executable, "-m", "rayrlhf.run", "conf/tiny.yaml", *run_args)
+
+
+def submission_id(result: subprocess.CompletedProcess) -> str:
+    return next(word.strip("'") for word in (result.stdout + result.stderr).split() if word.strip("'").startswith("raysubmit_"))
+
+
+def rounds_written(run_dir: Path) -> list:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [record["round"] for record in map(json.loads, lines) if record["phase"] == "round"]
+
+
+def test_a_submitted_run_follows_its_logs_and_writes_the_run_dir(job_env, tmp_path):
+    run_dir = tmp_path / "run"
+    result = submit(job_env, f"run_dir={run_dir}", "rounds=2", *QUICK)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "succeeded" in output and "round      reward" in output  # the job's own table, followed live
+    assert rounds_written(run_dir) == [1, 2]
+    assert (run_dir / "policy" / "config.json").exists() and (run_dir / "rounds.csv").exists()
+
+
+def test_a_failing_job_reports_its_error_and_a_nonzero_status(job_env, tmp_path):
+    result = submit(job_env, f"run_dir={tmp_path / 'run'}", "reward.etaa=0.1")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "reward.etaa" in output and "failed" in output
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_stopped_job_leaves_a_run_dir_that_a_second_job_resumes(job_env, tmp_path):
+    run_dir = tmp_path / "run"
+    started = submit(job_env, f"run_dir={run_dir}", "rounds=40", *QUICK, wait=False)  # far longer than the wait below
+    assert started.returncode == 0, started.stderr[-2000:]
+    job = submission_id(started)
+    deadline = time.time() + 300
+    while not checkpoint_path(run_dir, 1).exists():  # stop it once round 1 is safely on disk
+        assert time.time() < deadline, ray_job(job_env, "logs", job).stdout[-3000:]
+        time.sleep(0.5)
+    stopped = ray_job(job_env, "stop", job)
+    assert stopped.returncode == 0, stopped.stderr[-2000:]
+    status = ray_job(job_env, "status", job)
+    assert "was stopped" in status.stdout + status.stderr
+    assert not (run_dir / "policy").exists()  # the final models are written only by a finished run
+    done = read_state(latest_checkpoint(run_dir))["round"]
+    assert 1 <= done < 40
+
+    resumed = submit(job_env, f"run_dir={run_dir}", f"rounds={done + 1}", *QUICK, "resume=true")  # one round more
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    assert set(rounds_written(run_dir)) == set(range(1, done + 2))
+    assert [row.split(",")[0] for row in (run_dir / "rounds.csv").read_text().splitlines()[1:]] == [str(r) for r in range(1, done + 2)]
+    assert (run_dir / "policy" / "config.json").exists()
+    assert not any(name.endswith(".tmp") for name in os.listdir(run_dir / "checkpoints"))  # only complete checkpoints
