@@ -213,6 +213,12 @@ class ResourcesConfig(Schema):
     """CPUs reserved for each actor (rollout worker, reward-learner rank, PPO rank); fractions share a core."""
     gpus_per_actor: float = Field(1.0, ge=0)
     """GPUs reserved for each actor when device is cuda."""
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Ray placement-group strategy over the actors' bundles: PACK fills few nodes, SPREAD uses many."""
+    node_resources: Dict[Literal["rollout", "reward", "ppo"], str] = {}
+    """Pins a role to nodes: a custom resource name per role (rollout workers, reward-learner ranks, PPO ranks);
+    each actor of that role reserves a little of it, so it runs only on nodes started with it, e.g.
+    `ray start --address HEAD --resources '{"rollout_node": 1}'`."""
 
 
 class RunConfig(Schema):

@@ -10,6 +10,7 @@ tensorboard/, checkpoints/, reference/, and at the end policy/ and reward_model/
 rounds.csv, rounds.png and a per-round table. `resume=true` continues from the last checkpoint; Ctrl-C keeps it.
 """
 import csv
+import json
 import logging
 import os
 import sys
@@ -79,6 +80,7 @@ def start_ray(config: RunConfig):
 
 def run(config: RunConfig) -> List[Dict[str, float]]:
     """Validate, start the actors, run the rounds; returns the per-round summaries."""
+    from rayrlhf.actors.placement import where_actors_run
     from rayrlhf.pipeline import Pipeline, load_prompt_sets, start_actors
 
     choose_engine(config.rollout.engine)  # an absent vLLM asked for by name is an error here
@@ -90,6 +92,7 @@ def run(config: RunConfig) -> List[Dict[str, float]]:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
     actors = start_actors(config)
+    (run_dir / "placement.json").write_text(json.dumps(where_actors_run(actors.placement, config.resources), indent=1))
     pipeline = Pipeline(config, actors, prompts)
     try:
         history = pipeline.run()

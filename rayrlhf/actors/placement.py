@@ -17,10 +17,24 @@ def actor_count(resources: ResourcesConfig) -> int:
     return resources.rollout_workers + resources.reward_learner_ranks + resources.ppo_ranks
 
 
-def bundle(resources: ResourcesConfig) -> dict:
-    """What one actor reserves."""
+ROLES = ("rollout", "reward", "ppo")  # in bundle order: rollout workers, reward-learner ranks, PPO ranks
+NODE_RESOURCE_SHARE = 0.001  # of a role's custom resource, per actor: only where it lives matters
+
+
+def role_counts(resources: ResourcesConfig) -> dict:
+    return {"rollout": resources.rollout_workers, "reward": resources.reward_learner_ranks, "ppo": resources.ppo_ranks}
+
+
+def bundle(resources: ResourcesConfig, role: str = "") -> dict:
+    """What one actor of `role` reserves."""
     gpus = resources.gpus_per_actor if resources.device == "cuda" else 0
-    return {"CPU": resources.cpus_per_actor, **({"GPU": gpus} if gpus else {})}
+    node = resources.node_resources.get(role)
+    return {"CPU": resources.cpus_per_actor, **({"GPU": gpus} if gpus else {}), **({node: NODE_RESOURCE_SHARE} if node else {})}
+
+
+def bundles(resources: ResourcesConfig) -> List[dict]:
+    """One bundle per actor, in the order start_actors fills them."""
+    return [bundle(resources, role) for role in ROLES for _ in range(role_counts(resources)[role])]
 
 
 def check_resources(resources: ResourcesConfig, cluster: dict) -> None:
@@ -34,20 +48,39 @@ def check_resources(resources: ResourcesConfig, cluster: dict) -> None:
                 f"workers, {resources.reward_learner_ranks} reward-learner ranks, {resources.ppo_ranks} PPO ranks) but the "
                 f"Ray cluster has {available:g}; lower resources.cpus_per_actor / gpus_per_actor or the counts"
             )
+    for role, name in resources.node_resources.items():
+        if cluster.get(name, 0) < NODE_RESOURCE_SHARE * role_counts(resources)[role]:
+            raise ConfigError(
+                f"resources.node_resources.{role}={name!r} but no node of the Ray cluster offers the resource "
+                f"{name!r}; start the nodes for that role with `ray start --address HEAD --resources '{{\"{name}\": 1}}'`"
+            )
     if resources.device == "cuda" and resources.gpus_per_actor == 0:
         raise ConfigError("resources.device='cuda' needs resources.gpus_per_actor > 0")
 
 
 def reserve(resources: ResourcesConfig) -> PlacementGroup:
-    """A PACK placement group with one bundle per actor, ready (or a ConfigError naming the wait)."""
-    group = placement_group([bundle(resources)] * actor_count(resources), strategy="PACK")
+    """A placement group (resources.strategy) with one bundle per actor, ready (or a ConfigError naming the wait)."""
+    group = placement_group(bundles(resources), strategy=resources.strategy)
     try:
         ray.get(group.ready(), timeout=READY_TIMEOUT_S)
     except ray.exceptions.GetTimeoutError:
         ray.util.remove_placement_group(group)
-        raise ConfigError(f"the cluster could not place {actor_count(resources)} actors × {bundle(resources)} "
-                          f"within {READY_TIMEOUT_S} s (resources are busy or fragmented across nodes)") from None
+        raise ConfigError(f"the cluster could not place {actor_count(resources)} actors ({bundles(resources)}, "
+                          f"strategy {resources.strategy}) within {READY_TIMEOUT_S} s (resources are busy, fragmented "
+                          "across nodes, or a role's nodes are too small)") from None
     return group
+
+
+def where_actors_run(group: PlacementGroup, resources: ResourcesConfig) -> List[dict]:
+    """Each actor's role, index and node (Ray's record of where each bundle, so each actor, was placed)."""
+    nodes = {node["NodeID"]: node for node in ray.nodes()}
+    placed = ray.util.placement_group_table(group)["bundles_to_node_id"]
+    roles = [(role, index) for role in ROLES for index in range(role_counts(resources)[role])]
+    return [{"role": role, "index": index, "node_id": placed[slot],
+             "node_resources": sorted(name for name in nodes[placed[slot]]["Resources"]
+                                      if name not in ("CPU", "GPU", "memory", "object_store_memory")
+                                      and not name.startswith("node:"))}
+            for slot, (role, index) in enumerate(roles)]
 
 
 def start_actor(actor_class, group: PlacementGroup, bundle_index: int, resources: ResourcesConfig, *args) -> Any:
