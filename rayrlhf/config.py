@@ -213,6 +213,9 @@ class ResourcesConfig(Schema):
     """CPUs reserved for each actor (rollout worker, reward-learner rank, PPO rank); fractions share a core."""
     gpus_per_actor: float = Field(1.0, ge=0)
     """GPUs reserved for each actor when device is cuda."""
+    rollout_worker_restarts: int = Field(3, ge=0)
+    """How often Ray restarts a rollout worker whose process died; the pipeline then syncs the current
+    weights into it and regenerates the batch it lost."""
     strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """Ray placement-group strategy over the actors' bundles: PACK fills few nodes, SPREAD uses many."""
     node_resources: Dict[Literal["rollout", "reward", "ppo"], str] = {}

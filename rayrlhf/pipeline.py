@@ -41,6 +41,7 @@ import torch
 
 
 logger = logging.getLogger(__name__)
+WORKER_RESTART_TIMEOUT_S = 600  # a restarted worker rebuilds its engine (vLLM: tens of seconds on a CPU)
 
 
 def logprob_mismatch_warning(mismatch: float, threshold: float, step: int) -> Optional[str]:
@@ -102,7 +103,8 @@ def start_actors(config: RunConfig) -> Actors:
     resources = config.resources
     group = reserve(resources)
     slots = iter(range(10**6))
-    workers = [start_actor(RolloutWorker, group, next(slots), resources, config, i) for i in range(resources.rollout_workers)]
+    workers = [start_actor(RolloutWorker, group, next(slots), resources, config, i, max_restarts=resources.rollout_worker_restarts)
+               for i in range(resources.rollout_workers)]
     learner = RankGroup([start_actor(RewardLearner, group, next(slots), resources, config, rank, resources.reward_learner_ranks)
                          for rank in range(resources.reward_learner_ranks)])
     trainer = RankGroup([start_actor(PPOTrainer, group, next(slots), resources, config, rank, resources.ppo_ranks)
@@ -124,6 +126,7 @@ class Pipeline:
         self.global_step = 0
         self.weights_version = 0
         self.weight_plan = None  # bucket layout of the broadcast weight sync, once its group is formed
+        self.worker_restarts = 0
         self.last_checkpoint: Optional[Path] = None
 
     # ---- start ---------------------------------------------------------------------------------
@@ -189,7 +192,7 @@ class Pipeline:
             started = time.perf_counter()
             rng = random.Random(stage_seed(config.seed, round_index, 0, 2))
             meta_prompts = rng.sample(self.prompts.meta, min(config.reward.meta_prompts_per_round, len(self.prompts.meta)))
-            meta = self.generate(meta_prompts, config.reward.samples_per_prompt, stage_seed(config.seed, round_index, 0, 3))
+            meta = self.generate(meta_prompts, config.reward.samples_per_prompt, stage_seed(config.seed, round_index, 0, 3), round_index)
             groups = _groups(meta)
             summary["meta_sampling_seconds"] = time.perf_counter() - started
             self.save_samples(round_index, groups)
@@ -216,14 +219,43 @@ class Pipeline:
         summary["kl_coefficient"] = self.kl.value
         return summary
 
-    def generate(self, prompts: List[str], n: int, seed: int) -> Rollout:
-        """n samples per prompt, the prompts split contiguously over the rollout workers."""
+    def generate(self, prompts: List[str], n: int, seed: int, round_index: int) -> Rollout:
+        """n samples per prompt, the prompts split contiguously over the rollout workers. A worker whose
+        process died is restarted by Ray; it then gets the current weights and redoes its part, with the
+        same seed, so the batch is the one it would have been."""
         workers = self.actors.rollout_workers
         share = -(-len(prompts) // len(workers))
-        parts = [prompts[i * share : (i + 1) * share] for i in range(len(workers))]
+        parts = [(i, w, prompts[i * share : (i + 1) * share]) for i, w in enumerate(workers)]
         temperature = self.config.rollout.temperature
-        futures = [w.generate.remote(part, n, temperature, worker_seed(seed, i)) for i, (w, part) in enumerate(zip(workers, parts)) if part]
-        return Rollout.concatenate(ray.get(futures))
+        futures = [(i, w, part, w.generate.remote(part, n, temperature, worker_seed(seed, i), round_index)) for i, w, part in parts if part]
+        results = []
+        for i, worker, part, future in futures:
+            try:
+                results.append(ray.get(future))
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as error:
+                self.worker_restarts += 1
+                if self.worker_restarts > self.config.resources.rollout_worker_restarts:
+                    raise
+                logger.warning("rollout worker %d died (%s); restarted, re-synced, regenerating its part", i, type(error).__name__)
+                self.resync_restarted_worker(worker)
+                results.append(ray.get(worker.generate.remote(part, n, temperature, worker_seed(seed, i), round_index)))
+        return Rollout.concatenate(results)
+
+    def resync_restarted_worker(self, worker) -> None:
+        """The current policy into a restarted worker (through the object store, whatever the transport: a
+        broadcast group lost a member and is formed again at the next sync)."""
+        deadline = time.monotonic() + WORKER_RESTART_TIMEOUT_S
+        while True:  # calls fail with ActorUnavailableError until Ray has restarted it
+            try:
+                ray.get(worker.ready.remote())
+                break
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+        buckets = self.actors.ppo_trainer.actors[0].policy_to_object_store.remote(int(self.config.rollout.weight_sync_bucket_mb * 2**20))
+        ray.get(worker.load_weight_buckets.remote(buckets, self.weights_version))
+        self.weight_plan = None
 
     def save_samples(self, round_index: int, groups) -> None:
         """The round's meta data as JSONL (prompt, responses): to read, or to reuse as fixed meta data."""
@@ -251,7 +283,7 @@ class Pipeline:
         started = time.perf_counter()
         rng = random.Random(stage_seed(config.seed, round_index, step, 4))
         prompts = rng.sample(self.prompts.train, min(config.ppo.rollout_batch_size, len(self.prompts.train)))
-        rollout = self.generate(prompts, config.rollout.n_per_prompt, stage_seed(config.seed, round_index, step, 5))
+        rollout = self.generate(prompts, config.rollout.n_per_prompt, stage_seed(config.seed, round_index, step, 5), round_index)
         timings["generation_seconds"] = time.perf_counter() - started
         timings["generation_tokens_per_second"] = rollout.num_tokens / timings["generation_seconds"]
 
@@ -272,7 +304,8 @@ class Pipeline:
         timings["weight_sync_seconds"] = time.perf_counter() - started
 
         scores_tensor = torch.tensor(scores)
-        metrics.update(reward_mean=scores_tensor.mean().item(), reward_std=scores_tensor.std(unbiased=False).item(), **timings)
+        metrics.update(reward_mean=scores_tensor.mean().item(), reward_std=scores_tensor.std(unbiased=False).item(),
+                       rollout_worker_restarts=self.worker_restarts, **timings)
         if self.task is not None:
             metrics["gold_reward"] = sum(map(self.task.gold_reward, rollout.prompt_texts, rollout.response_texts)) / len(rollout)
         self.metrics.log("ppo", self.global_step, {"round": round_index, "kl_coefficient": kl_coefficient, **metrics})

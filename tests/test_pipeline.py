@@ -101,6 +101,22 @@ def test_a_crashing_actor_shows_its_traceback_and_resume_reaches_the_same_end(de
     assert rounds_csv(crashed) == rounds_csv(run_dir)
 
 
+def test_a_rollout_worker_killed_mid_round_is_restarted_and_the_run_ends_as_uninterrupted(default_run, tmp_path):
+    """The worker's process exits during round 2's generation (once: a marker stops the restarted one from
+    dying again); Ray restarts it, the driver syncs the current weights into it and it redoes its part with the
+    same seed, so the round completes and every round's numbers equal the uninterrupted run's."""
+    run_dir, _, _ = default_run
+    killed = tmp_path / "killed"
+    result = run_main("conf/tiny.yaml", f"run_dir={killed}", env={"RAYRLHF_FAULT": "rollout_generate:2:kill"})
+    assert "rollout worker 0 died" in result.stderr
+    def without_restarts(rows):
+        return [{k: v for k, v in row.items() if k != "rollout_worker_restarts"} for row in rows]
+
+    assert without_restarts(rounds_csv(killed)) == without_restarts(rounds_csv(run_dir))
+    restarts = [step["rollout_worker_restarts"] for step in records(killed, "ppo")]
+    assert restarts[:8] == [0] * 8 and restarts[-1] == 1  # round 1 untouched; one restart from round 2 on
+
+
 def test_ctrl_c_keeps_the_last_checkpoint_and_resume_reaches_the_same_end(default_run, tmp_path):
     run_dir, _, _ = default_run
     stopped = tmp_path / "stopped"

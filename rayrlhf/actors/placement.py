@@ -83,9 +83,12 @@ def where_actors_run(group: PlacementGroup, resources: ResourcesConfig) -> List[
             for slot, (role, index) in enumerate(roles)]
 
 
-def start_actor(actor_class, group: PlacementGroup, bundle_index: int, resources: ResourcesConfig, *args) -> Any:
-    """Start `actor_class` (a plain class) as a Ray actor in bundle `bundle_index` of `group`."""
+def start_actor(actor_class, group: PlacementGroup, bundle_index: int, resources: ResourcesConfig, *args,
+                max_restarts: int = 0) -> Any:
+    """Start `actor_class` (a plain class) as a Ray actor in bundle `bundle_index` of `group`; Ray restarts it
+    in the same bundle up to `max_restarts` times if its process dies."""
     remote = ray.remote(actor_class).options(
+        max_restarts=max_restarts,
         num_cpus=resources.cpus_per_actor,
         num_gpus=bundle(resources).get("GPU", 0),
         scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle_index),

@@ -18,6 +18,7 @@ from rayrlhf.config import RunConfig
 from rayrlhf.data.batches import encode_prompts, end_token_id
 from rayrlhf.data.reward_data import task_tokenizer
 from rayrlhf.data.rollouts import Rollout
+from rayrlhf.faults import inject_fault
 from rayrlhf.models.build import build_causal_lm, load_tokenizer, save_model
 from rayrlhf.models.generation import TransformersEngine
 from rayrlhf.models.vllm_engine import VLLMEngine, choose_engine
@@ -42,6 +43,10 @@ class RolloutWorker:
         else:
             self.engine = TransformersEngine(model, self.tokenizer.pad_token_id)
         self.weights_version = -1
+
+    def ready(self) -> bool:
+        """Answers once the worker (or its restarted self) is up."""
+        return True
 
     def load_weights(self, weights: Dict[str, torch.Tensor], version: int) -> int:
         """Take the trainer's policy weights in place (names as in the policy's state_dict)."""
@@ -73,8 +78,9 @@ class RolloutWorker:
         """Take the policy from the trainer's broadcast."""
         return self.load_weights(self.weight_group.receive(plan), version)
 
-    def generate(self, prompts: List[str], n: int, temperature: float, seed: int) -> Rollout:
+    def generate(self, prompts: List[str], n: int, temperature: float, seed: int, round_index: int = 0) -> Rollout:
         """n responses per prompt (prompt-major rows), with the configured top_p and max_new_tokens."""
+        inject_fault("rollout_generate", round_index, self.config.run_dir)
         rollout = self.config.rollout
         prompt_ids = encode_prompts(self.tokenizer, prompts, self.config.data.max_prompt_tokens)
         generated = self.engine.generate(prompt_ids, n=n, temperature=temperature, top_p=rollout.top_p,
