@@ -241,6 +241,9 @@ class RunConfig(Schema):
     resume: bool = False
     """Continue from the last checkpoint in run_dir."""
     keep_checkpoints: int = Field(2, gt=0)
+    restarts_from_checkpoint: int = Field(2, ge=0)
+    """When an actor's process dies (a learner rank, or a rollout worker past its own restarts), start every
+    actor again from the last checkpoint, up to this many times per run."""
 
     @model_validator(mode="after")
     def _batches_split_over_ranks(self):

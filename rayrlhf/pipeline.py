@@ -341,7 +341,7 @@ class Pipeline:
     def checkpoint(self, round_index: int) -> None:
         staging = begin_checkpoint(self.run_dir, round_index)
         self.actors.reward_learner.call("save_checkpoint", str(staging))
-        self.actors.ppo_trainer.call("save_checkpoint", str(staging))
+        self.actors.ppo_trainer.call("save_checkpoint", str(staging), round_index)
         state = {"round": round_index, "kl_coefficient": self.kl.value, "history": self.history, "global_step": self.global_step}
         self.last_checkpoint = commit_checkpoint(staging, state, self.config.keep_checkpoints)
 

@@ -91,19 +91,30 @@ def run(config: RunConfig) -> List[Dict[str, float]]:
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
-    actors = start_actors(config)
-    (run_dir / "placement.json").write_text(json.dumps(where_actors_run(actors.placement, config.resources), indent=1))
-    pipeline = Pipeline(config, actors, prompts)
-    try:
-        history = pipeline.run()
-    except (KeyboardInterrupt, ray.exceptions.RayError):
-        where = pipeline.last_checkpoint
-        print(f"\nstopped; last checkpoint: {where if where else 'none yet'}"
-              + (" (continue with resume=true)" if where else ""), file=sys.stderr)
-        raise
-    finally:
-        pipeline.close()
-        actors.stop()
+    restarts = 0
+    while True:
+        actors = start_actors(config)
+        (run_dir / "placement.json").write_text(json.dumps(where_actors_run(actors.placement, config.resources), indent=1))
+        pipeline = Pipeline(config, actors, prompts)
+        try:
+            history = pipeline.run()
+            break
+        except (KeyboardInterrupt, ray.exceptions.RayError) as error:
+            where = pipeline.last_checkpoint
+            # A dead actor process (a learner rank, or a rollout worker past its own restarts) is worth a restart
+            # from the checkpoint; an exception raised by our code, or Ctrl-C, is not.
+            if isinstance(error, ray.exceptions.RayActorError) and where and restarts < config.restarts_from_checkpoint:
+                restarts += 1
+                print(f"\nan actor died ({type(error).__name__}); restarting every actor from {where} "
+                      f"(restart {restarts} of {config.restarts_from_checkpoint})", file=sys.stderr)
+                config = config.model_copy(update={"resume": True})
+                continue
+            print(f"\nstopped; last checkpoint: {where if where else 'none yet'}"
+                  + (" (continue with resume=true)" if where else ""), file=sys.stderr)
+            raise
+        finally:
+            pipeline.close()
+            actors.stop()
     write_rounds(history, run_dir / "rounds.csv")
     plot_rounds(history, run_dir / "rounds.png")
     return history

@@ -2,6 +2,7 @@
 reproducibility, a crash and a resume, and the real TL;DR data with a tiny policy."""
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -115,6 +116,32 @@ def test_a_rollout_worker_killed_mid_round_is_restarted_and_the_run_ends_as_unin
     assert without_restarts(rounds_csv(killed)) == without_restarts(rounds_csv(run_dir))
     restarts = [step["rollout_worker_restarts"] for step in records(killed, "ppo")]
     assert restarts[:8] == [0] * 8 and restarts[-1] == 1  # round 1 untouched; one restart from round 2 on
+
+
+def test_a_ppo_rank_killed_restarts_the_run_from_its_checkpoint_and_it_ends_as_uninterrupted(default_run, tmp_path):
+    run_dir, _, _ = default_run
+    killed = tmp_path / "killed"
+    result = run_main("conf/tiny.yaml", f"run_dir={killed}", env={"RAYRLHF_FAULT": "ppo_step:3:kill"})
+    assert "an actor died" in result.stderr and "round_0002" in result.stderr and "restart 1 of 2" in result.stderr
+    assert rounds_csv(killed) == rounds_csv(run_dir)
+
+
+def test_a_kill_while_a_checkpoint_is_written_keeps_the_previous_one_and_the_run_ends_as_uninterrupted(default_run, tmp_path):
+    """The PPO rank dies after writing its part of round 2's checkpoint, before the driver renames it into place:
+    the restart loads round 1's checkpoint (so it is intact and loadable) and the run ends as if nothing happened."""
+    run_dir, _, _ = default_run
+    killed = tmp_path / "killed"
+    result = run_main("conf/tiny.yaml", f"run_dir={killed}", env={"RAYRLHF_FAULT": "save_checkpoint:2:kill"})
+    assert "restarting every actor from" in result.stderr and "round_0001" in result.stderr
+    assert rounds_csv(killed) == rounds_csv(run_dir)
+    assert not any(name.endswith(".tmp") for name in os.listdir(killed / "checkpoints"))
+
+
+def test_an_actor_dying_past_the_restart_limit_stops_the_run_resumably(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_main("conf/tiny.yaml", f"run_dir={run_dir}", "rollout.engine=hf", "restarts_from_checkpoint=0",
+                      env={"RAYRLHF_FAULT": "ppo_step:2:kill"}, expect=1)
+    assert "stopped; last checkpoint" in result.stderr and "round_0001" in result.stderr and "resume=true" in result.stderr
 
 
 def test_ctrl_c_keeps_the_last_checkpoint_and_resume_reaches_the_same_end(default_run, tmp_path):

@@ -128,7 +128,14 @@ class RankGroup:
         self.actors = actors
 
     def call(self, method: str, *args, **kwargs) -> List[Any]:
-        return ray.get(self.call_refs(method, *args, **kwargs))
+        """Every rank's answer. Fails as soon as one rank fails: the others may be waiting in a collective
+        for the failed one, and would hang until its timeout."""
+        references = self.call_refs(method, *args, **kwargs)
+        pending = list(references)
+        while pending:
+            finished, pending = ray.wait(pending, num_returns=1)
+            ray.get(finished)  # raises now if that rank failed
+        return ray.get(references)
 
     def call_refs(self, method: str, *args, **kwargs) -> List[Any]:
         """Start the method on every rank; return the ObjectRefs (to pass on without fetching)."""

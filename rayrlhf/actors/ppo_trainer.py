@@ -65,7 +65,7 @@ class PPOTrainer(RankActor):
 
     def ppo_step(self, rollout: Rollout, scores: List[float], kl_coefficient: float, seed: int, round_index: int) -> Dict[str, float]:
         """One PPO step on this rank's share of the rollout; returns metrics averaged over ranks."""
-        inject_fault("ppo_step", round_index)
+        inject_fault("ppo_step", round_index, self.config.run_dir)
         share = len(rollout) // self.world_size
         mine = rollout.rows(self.rank * share, (self.rank + 1) * share)
         torch.manual_seed(seed)
@@ -101,8 +101,9 @@ class PPOTrainer(RankActor):
         prompt_ids = encode_prompts(self.tokenizer, prompts, self.config.data.max_prompt_tokens)
         return self.learner.greedy_decode(prompt_ids, self.config.rollout.max_new_tokens, end_token_id(self.tokenizer))
 
-    def save_checkpoint(self, folder: str) -> None:
+    def save_checkpoint(self, folder: str, round_index: int = 0) -> None:
         self.learner.save_checkpoint(Path(folder) / "ppo")
+        inject_fault("save_checkpoint", round_index, self.config.run_dir)  # killed with the checkpoint half written
 
     def load_checkpoint(self, folder: str) -> None:
         self.learner.load_checkpoint(Path(folder) / "ppo")
