@@ -84,3 +84,13 @@ def test_smollm2_gguf_fixes_the_eos_trap():
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == 2
     model = build_reward_model(spec, tokenizer)
     assert 134_000_000 < sum(p.numel() for p in model.parameters()) < 135_000_000
+
+def test_a_folder_with_only_pickled_weights_is_refused(tmp_path, tokenizer):
+    model = build_reward_model(ModelSpec(source="tiny"), tokenizer)
+    save_model(model, tokenizer, tmp_path / "rm")
+    loaded = build_reward_model(ModelSpec(source=str(tmp_path / "rm")), tokenizer)  # safetensors: loads
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    (tmp_path / "rm" / "model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "rm" / "pytorch_model.bin")
+    with pytest.raises(ModelSourceError, match="no .safetensors weights; pickled weights are not loaded"):
+        build_reward_model(ModelSpec(source=str(tmp_path / "rm")), tokenizer)

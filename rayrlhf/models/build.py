@@ -82,6 +82,21 @@ def _from_pretrained(factory, location: str, gguf_file: Optional[str], spec: Mod
         ) from None
 
 
+def _load_weights(factory, spec: ModelSpec, **kwargs) -> PreTrainedModel:
+    """A model's weights from safetensors or GGUF only: pickled weights (.bin, .pt) can run code when loaded."""
+    location, gguf_file = resolve_source(spec)
+    if gguf_file is None and Path(location).is_dir() and not any(Path(location).glob("*.safetensors")):
+        raise ModelSourceError(
+            f"model folder {location!r} has no .safetensors weights; pickled weights are not loaded. Convert it once "
+            "where you trust it: AutoModel.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)"
+        )
+    safetensors_only = {} if gguf_file else {"use_safetensors": True}
+    model = _from_pretrained(factory, location, gguf_file, spec, **safetensors_only, **kwargs)
+    if gguf_file:
+        _forget_gguf_origin(model)
+    return model
+
+
 def tiny_llama_config(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
     arch = spec.tiny
     return LlamaConfig(
@@ -110,11 +125,8 @@ def build_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, seed: i
         torch.manual_seed(seed)
         model = LlamaForCausalLM(tiny_llama_config(spec, tokenizer))
         return model.to(_dtype(spec))
-    location, gguf_file = resolve_source(spec)
-    model = _from_pretrained(AutoModelForCausalLM, location, gguf_file, spec, dtype=_dtype(spec))
-    if gguf_file:
-        _forget_gguf_origin(model)
-    if gguf_file == SMOLLM2_GGUF:
+    model = _load_weights(AutoModelForCausalLM, spec, dtype=_dtype(spec))
+    if resolve_source(spec)[1] == SMOLLM2_GGUF:
         model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
 
@@ -133,10 +145,7 @@ def build_reward_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, seed
     torch.manual_seed(seed)
     if spec.source == "tiny":
         return LlamaForSequenceClassification(tiny_llama_config(spec, tokenizer)).to(_dtype(spec))
-    location, gguf_file = resolve_source(spec)
-    model = _from_pretrained(AutoModelForSequenceClassification, location, gguf_file, spec, num_labels=1, dtype=_dtype(spec))
-    if gguf_file:
-        _forget_gguf_origin(model)
+    model = _load_weights(AutoModelForSequenceClassification, spec, num_labels=1, dtype=_dtype(spec))
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
 

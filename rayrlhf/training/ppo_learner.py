@@ -41,10 +41,13 @@ from rayrlhf.training.reward_trainer import deepspeed_config
 def build_engine(model: nn.Module, lr: float, micro_batch_size: int, zero_stage: int, max_grad_norm: float):
     import deepspeed
 
+    from rayrlhf.training.safe_checkpoints import use_safetensors_checkpoints
+
     bf16 = next(model.parameters()).dtype == torch.bfloat16
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                       config=deepspeed_config(micro_batch_size, zero_stage, bf16, max_grad_norm))
+    use_safetensors_checkpoints(engine)
     return engine
 
 

@@ -71,6 +71,8 @@ class RewardModelTrainer:
     ):
         import deepspeed
 
+        from rayrlhf.training.safe_checkpoints import use_safetensors_checkpoints
+
         self.eta, self.inner_steps, self.order, self.zero_stage = eta, inner_steps, order, zero_stage
         if order == "second" and zero_stage == 3:
             raise ValueError("the second-order MetaRM update needs whole parameters; ZeRO-3 partitions them")
@@ -86,6 +88,7 @@ class RewardModelTrainer:
             optimizer=optimizer,
             config=deepspeed_config(micro_batch_size, zero_stage, bf16, max_grad_norm),
         )
+        use_safetensors_checkpoints(self.engine)
         self.device = self.engine.device
 
     # ---- scoring -------------------------------------------------------------------------------
