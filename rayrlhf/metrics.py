@@ -1,6 +1,7 @@
 """Metrics to a run directory: one JSON object per line (metrics.jsonl) and TensorBoard events."""
 import json
 import math
+import os
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -16,6 +17,23 @@ class MetricsLogger:
             self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
             self._tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
 
+    def rewind(self, last_round: int, last_step: int) -> None:
+        """Forget what was logged after a checkpoint (round `last_round`, PPO step `last_step`), so a resumed
+        run logs its redone steps once: metrics.jsonl is rewritten without them, TensorBoard purges them."""
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        path = Path(self._jsonl.name)
+        self._jsonl.close()
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _before_checkpoint(line, last_round, last_step)]
+        staging = path.with_name(path.name + ".tmp")
+        staging.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(staging, path)
+        self._jsonl = open(path, "a", encoding="utf-8")
+        self._tensorboard.close()
+        self._tensorboard = SummaryWriter(self._tensorboard.log_dir, purge_step=last_step + 1)
+
     def log(self, phase: str, step: int, values: Dict[str, Optional[float]]) -> None:
         if not self.enabled:
             return
@@ -30,3 +48,11 @@ class MetricsLogger:
         if self.enabled:
             self._jsonl.close()
             self._tensorboard.close()
+
+
+def _before_checkpoint(line: str, last_round: int, last_step: int) -> bool:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return False  # a line cut short by a kill
+    return not ((record["phase"] == "ppo" and record["step"] > last_step) or (record["phase"] == "round" and record["step"] > last_round))

@@ -140,6 +140,7 @@ class Pipeline:
             trainer.call("load_checkpoint", str(checkpoint))
             learner.call("load_checkpoint", str(checkpoint))
             self.kl.value, self.history, self.global_step = state["kl_coefficient"], state["history"], state["global_step"]
+            self.metrics.rewind(state["round"], state["global_step"])
             self.last_checkpoint = checkpoint
             print(f"resumed from {checkpoint} (round {state['round']} done)", file=sys.stderr)
             self.sync_weights()

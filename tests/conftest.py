@@ -30,3 +30,12 @@ def child_env() -> dict:
     process (a CLI run, torchrun) forms its own group on its own port."""
     names = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
     return {key: value for key, value in os.environ.items() if key not in names}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Write the fault table the fault tests recorded, when asked to (see tests/helpers/fault_table.py)."""
+    from helpers import fault_table
+
+    target = os.environ.get("RAYRLHF_FAULT_TABLE")
+    if target and fault_table.ROWS:
+        fault_table.write(Path(target))

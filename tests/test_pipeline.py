@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -17,6 +18,7 @@ from rayrlhf.data.sources import load_preference_pairs
 from rayrlhf.faults import FAULT_VARIABLE
 
 from conftest import GPT2_TOKENIZER, ROOT, SHARED_DATA, child_env, shared_file
+from helpers.fault_table import record
 
 pytestmark = pytest.mark.slow
 TIMING_SUFFIXES = ("_seconds", "_per_second")
@@ -36,6 +38,19 @@ def records(run_dir, phase):
 
 def without_timings(record: dict) -> dict:
     return {k: v for k, v in record.items() if not k.endswith(TIMING_SUFFIXES)}
+
+
+def survivor_command(process):
+    try:
+        return " ".join(process.cmdline())[:200]
+    except psutil.Error:
+        return f"pid {process.pid} (gone)"
+
+
+def ppo_steps_after(run_dir, checkpoint: str) -> int:
+    """PPO steps logged after `checkpoint` (a name like round_0002): the work a restart from it redoes."""
+    done = json.loads((run_dir / "checkpoints" / checkpoint / "state.json").read_text())["global_step"]
+    return sum(1 for step in records(run_dir, "ppo") if step["step"] > done)
 
 
 def rounds_csv(run_dir):
@@ -90,6 +105,7 @@ def test_same_seed_gives_identical_metrics(default_run, tmp_path):
     assert rounds_csv(again) == rounds_csv(run_dir)
 
 
+@pytest.mark.fault
 def test_a_crashing_actor_shows_its_traceback_and_resume_reaches_the_same_end(default_run, tmp_path):
     run_dir, _, _ = default_run
     crashed = tmp_path / "crashed"
@@ -98,10 +114,16 @@ def test_a_crashing_actor_shows_its_traceback_and_resume_reaches_the_same_end(de
     assert "PPOTrainer.ppo_step" in failure.stderr and 'rayrlhf/actors/ppo_trainer.py", line' in failure.stderr  # its traceback
     assert "last checkpoint" in failure.stderr and "round_0002" in failure.stderr
     assert sorted(p.name for p in (crashed / "checkpoints").iterdir()) == ["round_0000", "round_0001", "round_0002"]
+    lost = ppo_steps_after(crashed, "round_0002")
     run_main("conf/tiny.yaml", f"run_dir={crashed}", "resume=true")
     assert rounds_csv(crashed) == rounds_csv(run_dir)
+    assert [without_timings(r) for r in records(crashed, "ppo")] == [without_timings(r) for r in records(run_dir, "ppo")]
+    record("an exception in an actor (PPO step, round 3)", "`RAYRLHF_FAULT=ppo_step:3`",
+           "the run stops (exit 1) with the actor's traceback and names round_0002; `resume=true` ends with the "
+           "uninterrupted run's rounds.csv and metrics.jsonl", f"round 3 up to the error ({lost} PPO steps logged), redone")
 
 
+@pytest.mark.fault
 def test_a_rollout_worker_killed_mid_round_is_restarted_and_the_run_ends_as_uninterrupted(default_run, tmp_path):
     """The worker's process exits during round 2's generation (once: a marker stops the restarted one from
     dying again); Ray restarts it, the driver syncs the current weights into it and it redoes its part with the
@@ -116,16 +138,27 @@ def test_a_rollout_worker_killed_mid_round_is_restarted_and_the_run_ends_as_unin
     assert without_restarts(rounds_csv(killed)) == without_restarts(rounds_csv(run_dir))
     restarts = [step["rollout_worker_restarts"] for step in records(killed, "ppo")]
     assert restarts[:8] == [0] * 8 and restarts[-1] == 1  # round 1 untouched; one restart from round 2 on
+    record("a rollout worker's process dies mid-round (round 2)", "`RAYRLHF_FAULT=rollout_generate:2:kill`",
+           f"Ray restarts the worker ({restarts[-1]} restart counted in metrics), the driver re-syncs the current weights "
+           "and it regenerates its share with the same seed; every round equals the uninterrupted run",
+           "that worker's share of round 2's generation, redone")
 
 
+@pytest.mark.fault
 def test_a_ppo_rank_killed_restarts_the_run_from_its_checkpoint_and_it_ends_as_uninterrupted(default_run, tmp_path):
     run_dir, _, _ = default_run
     killed = tmp_path / "killed"
     result = run_main("conf/tiny.yaml", f"run_dir={killed}", env={"RAYRLHF_FAULT": "ppo_step:3:kill"})
     assert "an actor died" in result.stderr and "round_0002" in result.stderr and "restart 1 of 2" in result.stderr
     assert rounds_csv(killed) == rounds_csv(run_dir)
+    assert [without_timings(r) for r in records(killed, "ppo")] == [without_timings(r) for r in records(run_dir, "ppo")]
+    record("a PPO learner rank's process dies (round 3)", "`RAYRLHF_FAULT=ppo_step:3:kill`",
+           "the step fails at once; every actor restarts from round_0002 (restart 1 of `restarts_from_checkpoint`=2) "
+           "and the run ends with the uninterrupted run's rounds.csv and metrics.jsonl",
+           "round 3's generation and reward-model step, redone")
 
 
+@pytest.mark.fault
 def test_a_kill_while_a_checkpoint_is_written_keeps_the_previous_one_and_the_run_ends_as_uninterrupted(default_run, tmp_path):
     """The PPO rank dies after writing its part of round 2's checkpoint, before the driver renames it into place:
     the restart loads round 1's checkpoint (so it is intact and loadable) and the run ends as if nothing happened."""
@@ -135,15 +168,23 @@ def test_a_kill_while_a_checkpoint_is_written_keeps_the_previous_one_and_the_run
     assert "restarting every actor from" in result.stderr and "round_0001" in result.stderr
     assert rounds_csv(killed) == rounds_csv(run_dir)
     assert not any(name.endswith(".tmp") for name in os.listdir(killed / "checkpoints"))
+    record("a process dies while a checkpoint is written (round 2)", "`RAYRLHF_FAULT=save_checkpoint:2:kill`",
+           "round_0002 stays a .tmp folder and is never loaded; every actor restarts from round_0001, the .tmp is "
+           "removed, and the run ends with the uninterrupted run's rounds.csv", "round 2, redone")
 
 
+@pytest.mark.fault
 def test_an_actor_dying_past_the_restart_limit_stops_the_run_resumably(tmp_path):
     run_dir = tmp_path / "run"
     result = run_main("conf/tiny.yaml", f"run_dir={run_dir}", "rollout.engine=hf", "restarts_from_checkpoint=0",
                       env={"RAYRLHF_FAULT": "ppo_step:2:kill"}, expect=1)
     assert "stopped; last checkpoint" in result.stderr and "round_0001" in result.stderr and "resume=true" in result.stderr
+    record("an actor dies with no restarts left", "`RAYRLHF_FAULT=ppo_step:2:kill restarts_from_checkpoint=0`",
+           "the run stops (exit 1) and names its last checkpoint (round_0001) and `resume=true`",
+           "nothing past round_0001; the run waits for `resume=true`")
 
 
+@pytest.mark.fault
 def test_ctrl_c_keeps_the_last_checkpoint_and_resume_reaches_the_same_end(default_run, tmp_path):
     run_dir, _, _ = default_run
     stopped = tmp_path / "stopped"
@@ -156,8 +197,44 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_resume_reaches_the_same_end(defaul
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 130 and "stopped; last checkpoint" in stderr and "resume=true" in stderr
     assert not (stopped / "policy").exists()  # it did not run to the end
+    last = stderr.split("stopped; last checkpoint: ")[1].split()[0]
+    lost = ppo_steps_after(stopped, Path(last).name)
     run_main("conf/tiny.yaml", f"run_dir={stopped}", "resume=true", "rounds=4")
     assert rounds_csv(stopped) == rounds_csv(run_dir)
+    record("Ctrl-C on the driver", "SIGINT once round_0002 is written",
+           f"the driver stops the actors, exits 130 and names {Path(last).name}; `resume=true` ends with the "
+           "uninterrupted run's rounds.csv", f"the work after {Path(last).name} ({lost} PPO steps logged), redone")
+
+
+@pytest.mark.fault
+def test_the_driver_killed_and_resumed_ends_with_the_uninterrupted_metrics(default_run, tmp_path):
+    """SIGKILL to the driver: no clean-up runs in it. The Ray processes it started share its fate and exit; the
+    run dir holds whole checkpoints only, and resume=true ends with the same rounds and the same metrics.jsonl."""
+    run_dir, _, _ = default_run
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "rayrlhf.run", "conf/tiny.yaml", f"run_dir={killed}"]
+    process = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not (killed / "checkpoints" / "round_0002").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    started = psutil.Process(process.pid).children(recursive=True)
+    process.kill()
+    process.wait()
+    killed_at = time.monotonic()
+    # The actors go at once; Ray's two agent processes notice their raylet is gone about a minute later.
+    _, alive = psutil.wait_procs(started, timeout=180)
+    assert not alive, [survivor_command(p) for p in alive]
+    seconds_to_exit = time.monotonic() - killed_at
+    assert not (killed / "policy").exists()  # it did not run to the end
+    last = max(p.name for p in (killed / "checkpoints").iterdir() if not p.name.endswith(".tmp"))
+    lost = ppo_steps_after(killed, last)
+    run_main("conf/tiny.yaml", f"run_dir={killed}", "resume=true")
+    assert rounds_csv(killed) == rounds_csv(run_dir)
+    assert [without_timings(r) for r in records(killed, "ppo")] == [without_timings(r) for r in records(run_dir, "ppo")]
+    record("the driver process is killed", "SIGKILL to `python -m rayrlhf.run` once round_0002 is written",
+           f"the {len(started)} Ray processes it started exit with it (the last {seconds_to_exit:.0f} s later); `resume=true` continues from {last} and ends "
+           "with the uninterrupted run's rounds.csv and metrics.jsonl (the redone steps logged once)",
+           f"the work after {last} ({lost} PPO steps logged), redone")
 
 
 def test_a_finished_run_dir_is_not_overwritten(default_run):
