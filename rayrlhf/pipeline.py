@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import ray
 from ray.util.placement_group import PlacementGroup
@@ -89,20 +89,23 @@ class Actors:
     reward_learner: RankGroup
     ppo_trainer: RankGroup
     placement: PlacementGroup
+    owns_placement: bool = True
 
     def stop(self) -> None:
         """Kill every actor and free the reservation (on a shared cluster nothing must linger)."""
         ray.wait([worker.shutdown.remote() for worker in self.rollout_workers], num_returns=len(self.rollout_workers), timeout=60)
         for actor in self.rollout_workers + self.reward_learner.actors + self.ppo_trainer.actors:
             ray.kill(actor)
-        ray.util.remove_placement_group(self.placement)
+        if self.owns_placement:
+            ray.util.remove_placement_group(self.placement)
 
 
-def start_actors(config: RunConfig) -> Actors:
-    """Every actor in one placement group, then the two rank groups form their process groups."""
+def start_actors(config: RunConfig, given: Optional[PlacementGroup] = None, first_bundle: int = 0) -> Actors:
+    """Every actor in one placement group (its own, or bundles first_bundle... of `given`, e.g. a Tune
+    trial's), then the two rank groups form their process groups."""
     resources = config.resources
-    group = reserve(resources)
-    slots = iter(range(10**6))
+    group = given or reserve(resources)
+    slots = iter(range(first_bundle, 10**6))
     workers = [start_actor(RolloutWorker, group, next(slots), resources, config, i, max_restarts=resources.rollout_worker_restarts)
                for i in range(resources.rollout_workers)]
     learner = RankGroup([start_actor(RewardLearner, group, next(slots), resources, config, rank, resources.reward_learner_ranks)
@@ -111,7 +114,7 @@ def start_actors(config: RunConfig) -> Actors:
                          for rank in range(resources.ppo_ranks)])
     learner.form_process_group()
     trainer.form_process_group()
-    return Actors(workers, learner, trainer, group)
+    return Actors(workers, learner, trainer, group, owns_placement=given is None)
 
 
 class Pipeline:
@@ -172,7 +175,8 @@ class Pipeline:
         return {"sft_first_loss": losses[0], "sft_last_loss": losses[-1]}
 
     # ---- the rounds ------------------------------------------------------------------------------
-    def run(self) -> List[Dict[str, float]]:
+    def run(self, on_round: Optional[Callable[[Dict[str, float]], None]] = None) -> List[Dict[str, float]]:
+        """Every round left; `on_round(summary)` after each round's checkpoint (a Tune trial reports there)."""
         done = self.start()
         for round_index in range(done + 1, self.config.rounds + 1):
             started = time.perf_counter()
@@ -181,6 +185,8 @@ class Pipeline:
             self.history.append(summary)
             self.metrics.log("round", round_index, summary)
             self.checkpoint(round_index)
+            if on_round:
+                on_round(summary)
         self.save_final_models()
         return self.history
 

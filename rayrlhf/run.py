@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from rayrlhf.checkpoints import latest_checkpoint
 from rayrlhf.cli import run_command
@@ -78,8 +78,10 @@ def start_ray(config: RunConfig):
     return ray
 
 
-def run(config: RunConfig) -> List[Dict[str, float]]:
-    """Validate, start the actors, run the rounds; returns the per-round summaries."""
+def run(config: RunConfig, on_round: Optional[Callable[[Dict[str, float]], None]] = None,
+        placement=None, first_bundle: int = 0) -> List[Dict[str, float]]:
+    """Validate, start the actors, run the rounds; returns the per-round summaries. A Tune trial passes its
+    own placement group (the actors take its bundles from first_bundle on) and a per-round callback."""
     from rayrlhf.actors.placement import where_actors_run
     from rayrlhf.pipeline import Pipeline, load_prompt_sets, start_actors
 
@@ -93,11 +95,11 @@ def run(config: RunConfig) -> List[Dict[str, float]]:
     save_config(config, run_dir / "config.yaml")
     restarts = 0
     while True:
-        actors = start_actors(config)
+        actors = start_actors(config, placement, first_bundle)
         (run_dir / "placement.json").write_text(json.dumps(where_actors_run(actors.placement, config.resources), indent=1))
         pipeline = Pipeline(config, actors, prompts)
         try:
-            history = pipeline.run()
+            history = pipeline.run(on_round)
             break
         except (KeyboardInterrupt, ray.exceptions.RayError) as error:
             where = pipeline.last_checkpoint

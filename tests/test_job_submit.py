@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from ray.cluster_utils import Cluster
 
 from conftest import ROOT, child_env
@@ -95,3 +96,18 @@ def test_a_stopped_job_leaves_a_run_dir_that_a_second_job_resumes(job_env, tmp_p
     assert [row.split(",")[0] for row in (run_dir / "rounds.csv").read_text().splitlines()[1:]] == [str(r) for r in range(1, done + 2)]
     assert (run_dir / "policy" / "config.json").exists()
     assert not any(name.endswith(".tmp") for name in os.listdir(run_dir / "checkpoints"))  # only complete checkpoints
+
+
+def test_a_submitted_sweep_runs_its_trials_on_the_cluster(job_env, tmp_path):
+    sweep = yaml.safe_load((ROOT / "conf" / "sweep_loop.yaml").read_text())
+    sweep.update(base=str(ROOT / "conf" / "tiny.yaml"), num_samples=2, scheduler={"name": "fifo"},
+                 storage_path=str(tmp_path / "sweeps"), config=sweep["config"] + ["rounds=1"] + QUICK)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    result = ray_job(job_env, "submit", "--runtime-env-json", RUNTIME_ENV, "--",
+                     sys.executable, "-m", "rayrlhf.tune", str(path), timeout=900)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "succeeded" in output, output[-3000:]
+    folder = tmp_path / "sweeps" / "metarm_loop"
+    assert "best trial" in output and (folder / "best_config.yaml").exists()
+    assert len((folder / "trials.csv").read_text().splitlines()) == 3  # a header and the two trials

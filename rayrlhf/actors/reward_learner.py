@@ -4,6 +4,7 @@ driver calls every method on all ranks at once (RankGroup) and reads rank 0's an
 
 Text crosses the actor boundary, not token ids: the RM may tokenize differently from the policy.
 """
+import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -81,18 +82,27 @@ class RewardLearner(RankActor):
 
     def train_round(self, round_index: int, meta_groups: Optional[MetaGroups]) -> Dict[str, float]:
         """This round's RM training: MetaRM with the given meta data (or the fixed data.meta), or vanilla."""
-        reward, seed = self.config.reward, self.config.seed * 1000 + round_index
+        reward = self.config.reward
+        progress = self._progress(f"round {round_index} RM ({reward.method})", reward.epochs, reward.max_steps)
+        history = self._train(self.config.seed * 1000 + round_index, reward.epochs, meta_groups, progress)
+        return _summary(history, "rm")
+
+    def train_epoch(self, epoch: int) -> Dict[str, float]:
+        """Epoch `epoch` (from 1) on the fixed data (a Tune trial of the RM phase), seeded by the epoch alone so
+        a trial resumed from its checkpoint trains the later epochs as an uninterrupted one would."""
+        return _summary(self._train(self.config.seed * 1000 + epoch, 1, None, None), "train")
+
+    def _train(self, seed: int, epochs: int, meta_groups: Optional[MetaGroups], progress) -> List[Dict[str, float]]:
+        reward = self.config.reward
         torch.manual_seed(seed)  # dropout, if the RM has any, replays identically on resume
         meta_batches = None
         if reward.method == "metarm":
             groups = self.data.meta if meta_groups is None else [
                 [self._encode(prompt, response) for response in responses] for prompt, responses in meta_groups]
             meta_batches = group_batches(groups, reward.meta_batch_size, self.pad_id, self.rank, self.world_size, seed)
-        progress = self._progress(f"round {round_index} RM ({reward.method})", reward.epochs, reward.max_steps)
-        history = train_steps(self.trainer, self.data.train, self.pad_id, batch_size=reward.batch_size,
-                              epochs=reward.epochs, max_steps=reward.max_steps, rank=self.rank,
-                              world_size=self.world_size, seed=seed, meta_batches=meta_batches, on_step=progress)
-        return _summary(history, "rm")
+        return train_steps(self.trainer, self.data.train, self.pad_id, batch_size=reward.batch_size,
+                           epochs=epochs, max_steps=reward.max_steps, rank=self.rank,
+                           world_size=self.world_size, seed=seed, meta_batches=meta_batches, on_step=progress)
 
     # ---- scoring and evaluation --------------------------------------------------------------------
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> List[float]:
@@ -140,6 +150,20 @@ class RewardLearner(RankActor):
         path, _ = self.trainer.engine.load_checkpoint(str(Path(folder) / "reward_model"), tag="state")
         if path is None:
             raise FileNotFoundError(f"no reward-model checkpoint under {folder}")
+
+    def checkpoint_files(self) -> Dict[str, bytes]:
+        """This rank's checkpoint files as bytes (relative path -> content): for a caller on another node."""
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_checkpoint(folder)
+            return {str(f.relative_to(folder)): f.read_bytes() for f in Path(folder).rglob("*") if f.is_file()}
+
+    def load_checkpoint_files(self, files: Dict[str, bytes]) -> None:
+        """Load a checkpoint given as every rank's files (the union of their checkpoint_files)."""
+        with tempfile.TemporaryDirectory() as folder:
+            for name, content in files.items():
+                (Path(folder) / name).parent.mkdir(parents=True, exist_ok=True)
+                (Path(folder) / name).write_bytes(content)
+            self.load_checkpoint(folder)
 
     def save_model(self, folder: str) -> None:
         self.trainer.save(Path(folder), self.tokenizer)

@@ -1,0 +1,165 @@
+"""Ray Tune sweeps (python -m rayrlhf.tune): bad sweep files fail before Ray starts; a real sweep on the TL;DR
+comparisons runs its trials, lets ASHA stop the poor ones, writes the table, the plot and a best config that
+`python -m rayrlhf.run` runs; an interrupted sweep resumes without redoing finished trials."""
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, child_env, shared_file
+from rayrlhf.errors import ConfigError
+from rayrlhf.tuning.sweep_config import load_sweep
+
+SWEEP = ROOT / "conf" / "sweep_metarm.yaml"
+LOOP_SWEEP = ROOT / "conf" / "sweep_loop.yaml"
+
+
+def sweep_file(tmp_path, source: Path = SWEEP, **changes) -> Path:
+    """A copy of a shipped sweep file with top-level keys replaced (its base named by absolute path)."""
+    raw = yaml.safe_load(source.read_text())
+    raw["base"] = str(ROOT / "conf" / raw["base"])
+    raw.update(changes)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def tune_command(path: Path, *overrides: str):
+    return [sys.executable, "-m", "rayrlhf.tune", str(path), *overrides]
+
+
+def run_tune(path: Path, *overrides: str, expect: int = 0) -> subprocess.CompletedProcess:
+    result = subprocess.run(tune_command(path, *overrides), cwd=ROOT, env=child_env(), capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"space": {"reward.etta": {"loguniform": [1e-4, 1e-1]}}}, "'reward.etta' is not a run-config key; reward has: "),
+    ({"space": {}}, "the search space is empty"),
+    ({"space": {"reward.eta": {"normal": [0, 1]}}}, "space.reward.eta must be one of {loguniform, uniform, randint, choice, grid"),
+    ({"space": {"reward.inner_steps": {"grid": [0, 1]}}}, "reward.inner_steps=0 makes an invalid run config"),
+    ({"metric": "gold_reward"}, "metric 'gold_reward' is never reported by the reward_model trainable"),
+    ({"search": {"algorithm": "optuna"}}, "optuna cannot search grid keys"),
+])
+def test_a_bad_sweep_is_refused_naming_the_culprit(tmp_path, changes, message):
+    shared_file("data", "tldr", "comparisons_cnndm0.jsonl")
+    with pytest.raises(ConfigError) as error:
+        load_sweep(str(sweep_file(tmp_path, **changes)))
+    assert message in str(error.value)
+
+
+def test_a_bad_sweep_exits_2_before_ray_starts(tmp_path):
+    shared_file("data", "tldr", "comparisons_cnndm0.jsonl")
+    storage = tmp_path / "sweeps"
+    result = run_tune(sweep_file(tmp_path), f"storage_path={storage}", "metric=reward_mean", expect=2)
+    assert result.stderr.startswith("error: metric 'reward_mean' is never reported") and "Traceback" not in result.stderr
+    assert not storage.exists()  # nothing started, nothing written
+
+
+def read_trials(folder: Path):
+    with open(folder / "trials.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.slow
+def test_a_tldr_sweep_stops_poor_trials_early_and_writes_a_best_config_that_runs(tmp_path):
+    shared_file("data", "tldr", "comparisons_batch13.jsonl")
+    # Built so ASHA must stop trials: alpha 1e-9 barely moves the RM, so its training loss stays near log 2,
+    # while alpha 1e-3 lowers it. With one trial at a time the first (alpha 1e-3, listed first) sets the bar
+    # at the first rung; each 1e-9 trial arrives below it and is stopped after epoch 1.
+    space = {"reward.eta": {"loguniform": [1e-4, 1e-1]}, "reward.inner_steps": {"grid": [1, 2]},
+             "reward.alpha": {"grid": [1e-3, 1e-9]}}
+    path = sweep_file(tmp_path, space=space, metric="train_loss", mode="min", num_samples=1, max_concurrent=1)
+    storage = tmp_path / "sweeps"
+    result = run_tune(path, f"storage_path={storage}", "config.reward.epochs=2")
+    folder = storage / "metarm_tldr"
+    trials = read_trials(folder)
+    assert len(trials) == 4 and sorted(int(t["reward.inner_steps"]) for t in trials) == [1, 1, 2, 2]
+    assert all(1e-4 <= float(t["reward.eta"]) <= 1e-1 for t in trials)
+    stopped = [t for t in trials if t["status"] == "stopped early"]
+    assert stopped and all(float(t["reward.alpha"]) == 1e-9 and t["epoch"] == "1" for t in stopped)
+    assert all(t["status"] == "finished" and t["epoch"] == "2" for t in trials if float(t["reward.alpha"]) == 1e-3)
+    # Each trial reported the TL;DR held-out and CNN/DM target accuracies and the meta data's reward differences.
+    for trial_dir in (p for p in folder.iterdir() if p.is_dir()):
+        last = json.loads((trial_dir / "result.json").read_text().splitlines()[-1])
+        assert 0 <= last["eval_accuracy"] <= 1 and last["target_pairs"] == 200 and last["reward_difference_variance"] >= 0
+    best = min(trials, key=lambda t: float(t["train_loss"]))
+    assert f"best trial {best['trial']}" in result.stdout and (folder / "trials.png").stat().st_size > 0
+    best_config = yaml.safe_load((folder / "best_config.yaml").read_text())
+    assert best_config["reward"]["eta"] == pytest.approx(float(best["reward.eta"]))
+    assert best_config["reward"]["inner_steps"] == int(best["reward.inner_steps"])
+
+    run_dir = tmp_path / "best_run"
+    run = subprocess.run(
+        [sys.executable, "-m", "rayrlhf.run", str(folder / "best_config.yaml"), f"run_dir={run_dir}", "rounds=1",
+         "rollout.engine=hf", "reward.initial_max_steps=2", "reward.max_steps=2", "reward.meta_prompts_per_round=4",
+         "ppo.steps_per_round=1", "ppo.rollout_batch_size=4", "rollout.max_new_tokens=8"],
+        cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["reward"]["eta"] == best_config["reward"]["eta"]
+    assert (run_dir / "reward_model").is_dir()
+
+
+def finished_trials(folder: Path, epochs: int):
+    """Trial folders whose result.json holds all `epochs` reports."""
+    done = []
+    for result in folder.glob("*/result.json"):
+        if len(result.read_text().splitlines()) >= epochs:
+            done.append(result)
+    return done
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path):
+    shared_file("data", "tldr", "comparisons_batch13.jsonl")
+    path = sweep_file(tmp_path, space={"reward.eta": {"grid": [1e-3, 1e-2, 1e-1]}},
+                      search={"algorithm": "grid"}, scheduler={"name": "fifo"}, max_concurrent=1)
+    storage = tmp_path / "sweeps"
+    folder = storage / "metarm_tldr"
+    process = subprocess.Popen(tune_command(path, f"storage_path={storage}", "config.reward.epochs=2"), cwd=ROOT,
+                               env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not finished_trials(folder, 2) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    process.send_signal(signal.SIGINT)  # as Ctrl-C: Tune saves the sweep's state and stops
+    _, stderr = process.communicate(timeout=300)
+    finished = {p: p.read_text() for p in finished_trials(folder, 2)}
+    assert finished and len(finished) < 3, stderr[-3000:]
+
+    result = run_tune(path, f"storage_path={storage}", "config.reward.epochs=2", "resume=true")
+    trials = read_trials(folder)
+    assert len(trials) == 3 and all(t["status"] == "finished" for t in trials), result.stdout[-3000:]
+    for result_file, content in finished.items():
+        assert result_file.read_text() == content  # kept, not trained again
+    again = run_tune(path, f"storage_path={storage}", expect=2)
+    assert "already holds a sweep; continue it with resume=true" in again.stderr
+
+
+@pytest.mark.slow
+def test_a_loop_sweep_with_optuna_reports_every_round_of_whole_runs(tmp_path):
+    path = sweep_file(tmp_path, LOOP_SWEEP, num_samples=2, scheduler={"name": "fifo"})
+    storage = tmp_path / "sweeps"
+    run_tune(path, f"storage_path={storage}", "config.rounds=2")
+    folder = storage / "metarm_loop"
+    assert list(folder.glob("searcher-state-*.pkl"))  # Optuna's TPE chose the points
+    trials = read_trials(folder)
+    assert len(trials) == 2 and all(t["status"] == "finished" and t["round"] == "2" for t in trials)
+    for trial_dir in (p for p in folder.iterdir() if p.is_dir()):
+        reported = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
+        with open(trial_dir / "run" / "rounds.csv") as handle:
+            written = list(csv.DictReader(handle))
+        # Tune saw each round as the run wrote it, and the finished run kept its final models.
+        assert [r["round"] for r in reported] == [1, 2]
+        assert [r["gold_reward"] for r in reported] == pytest.approx([float(w["gold_reward"]) for w in written])
+        assert (trial_dir / "run" / "policy").is_dir() and (trial_dir / "run" / "reward_model").is_dir()
+        params = json.loads((trial_dir / "params.json").read_text())
+        config = yaml.safe_load((trial_dir / "run" / "config.yaml").read_text())
+        assert config["reward"]["eta"] == params["reward.eta"] and config["reward"]["inner_steps"] == params["reward.inner_steps"]
