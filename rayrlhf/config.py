@@ -63,10 +63,11 @@ class DataSource(Schema):
 
     format: `synthetic` (built in, no files), `tldr` (OpenAI comparison JSONL), `hh` (HH-RLHF transcripts,
     .jsonl or .jsonl.gz), `jsonl` / `parquet` (records with prompt/chosen/rejected keys), `hf` (a hub
-    dataset name, needs a reachable hub).
+    dataset name, needs a reachable hub), `rollouts` (for data.meta only: a run's
+    samples/round_NNNN_meta.jsonl, each line a prompt and the policy's responses to it).
     """
 
-    format: Literal["synthetic", "tldr", "hh", "jsonl", "parquet", "hf"] = "synthetic"
+    format: Literal["synthetic", "tldr", "hh", "jsonl", "parquet", "hf", "rollouts"] = "synthetic"
     path: Optional[str] = None
     split: str = "train"
     """Split name for `hf` sources."""
@@ -113,6 +114,15 @@ class DataConfig(Schema):
     max_prompt_tokens: int = Field(256, gt=0)
     max_response_tokens: int = Field(64, gt=0)
     synthetic: SyntheticTask = SyntheticTask()
+
+    @model_validator(mode="after")
+    def _rollouts_are_meta_data_only(self):
+        for name in ("preference", "target_eval", "meta_prompts"):
+            source = getattr(self, name)
+            if source is not None and source.format == "rollouts":
+                raise ValueError(f"data.{name} cannot have format 'rollouts': saved rollouts hold no preference "
+                                 "labels; use them as data.meta")
+        return self
 
 
 class RewardTrainingConfig(Schema):

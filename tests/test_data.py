@@ -6,7 +6,8 @@ import pytest
 
 from rayrlhf.config import DataSource, SyntheticTask
 from rayrlhf.data.batches import collate_groups, collate_pairs, encode_prompt_response, rank_shard
-from rayrlhf.data.sources import is_eval_prompt, load_preference_pairs, response_groups, split_by_prompt, split_hh_transcript
+from rayrlhf.data.sources import (is_eval_prompt, load_preference_pairs, load_saved_rollouts, response_groups, split_by_prompt,
+                                   split_hh_transcript)
 from rayrlhf.data.synthetic import SyntheticPreferenceTask
 from rayrlhf.errors import DataError
 
@@ -152,3 +153,32 @@ def test_synthetic_pairs_are_gold_ordered_and_drift_reverses_length_preference()
         return sum(len(r["chosen"].split()) > len(r["rejected"].split()) for r in table) / len(table)
 
     assert longer_chosen(pairs) > 0.5 > 0.2 > longer_chosen(drifted)
+
+
+def write_saved_rollouts(path, groups):
+    """As the Ray loop writes samples/round_NNNN_meta.jsonl (Pipeline.save_samples)."""
+    path.write_text("".join(json.dumps({"prompt": p, "responses": r}) + "\n" for p, r in groups))
+    return path
+
+
+def test_saved_rollouts_are_meta_groups_of_their_first_k_responses(tmp_path):
+    path = write_saved_rollouts(tmp_path / "round_0003_meta.jsonl",
+                                [("a b", ["x", "y", "z"]), ("c", ["u", "u", "v"])])
+    groups = load_saved_rollouts(DataSource(format="rollouts", path=str(path)), samples_per_prompt=2)
+    # The policy's samples stay as sampled (repeats included: they are what the policy says).
+    assert groups["prompt"] == ["a b", "c"] and groups["responses"] == [["x", "y"], ["u", "u"]]
+    with pytest.raises(DataError, match=r"round_0003_meta.jsonl:1: 3 responses, fewer than reward.samples_per_prompt=4"):
+        load_saved_rollouts(DataSource(format="rollouts", path=str(path)), samples_per_prompt=4)
+
+
+def test_saved_rollouts_feed_the_reward_model_meta_data_only(tmp_path):
+    from rayrlhf.config import DataConfig
+    from rayrlhf.data.reward_data import prepare_reward_data, task_tokenizer
+
+    path = write_saved_rollouts(tmp_path / "meta.jsonl", [(f"prompt {i}", [f"r{i}{j}" for j in range(5)]) for i in range(6)])
+    data = DataConfig(meta=DataSource(format="rollouts", path=str(path)))
+    tokenizer = task_tokenizer(data, seed=0)
+    prepared = prepare_reward_data(data, tokenizer, samples_per_prompt=4, need_meta=True, seed=0)
+    assert len(prepared.meta) == 6 and all(len(group) == 4 for group in prepared.meta)
+    with pytest.raises(ValueError, match="data.preference cannot have format 'rollouts'"):
+        DataConfig(preference=DataSource(format="rollouts", path=str(path)))

@@ -9,7 +9,7 @@ from transformers import PreTrainedTokenizerBase
 
 from rayrlhf.config import DataConfig, DataSource
 from rayrlhf.data.batches import PreferenceBatch, ResponseGroupBatch, TokenIds, collate_groups, collate_pairs, encode_prompt_response, rank_shard
-from rayrlhf.data.sources import load_preference_pairs, response_groups, split_by_prompt
+from rayrlhf.data.sources import load_preference_pairs, load_saved_rollouts, response_groups, split_by_prompt
 from rayrlhf.data.synthetic import SyntheticPreferenceTask
 from rayrlhf.errors import ConfigError
 
@@ -61,6 +61,8 @@ def prepare_reward_data(
 
 
 def _meta_groups(meta: Optional[DataSource], synthetic, data: DataConfig, k: int, seed: int) -> datasets.Dataset:
+    if meta is not None and meta.format == "rollouts":
+        return load_saved_rollouts(meta, k)
     if meta is not None:
         return response_groups(load_preference_pairs(meta, data.synthetic, seed).pairs, k)
     if synthetic is not None:

@@ -161,6 +161,23 @@ def load_preference_pairs(source: DataSource, synthetic: SyntheticTask, seed: in
     return LoadedPairs(datasets.Dataset.from_list(kept), dict(dropped))
 
 
+def load_saved_rollouts(source: DataSource, samples_per_prompt: int) -> datasets.Dataset:
+    """Meta data from a run's saved samples (samples/round_NNNN_meta.jsonl: {"prompt", "responses"} per line):
+    the first k responses of each prompt, as response_groups gives them."""
+    groups = []
+    for where, record in _json_lines(source.path):
+        prompt, responses = _field(record, "prompt", where), _field(record, "responses", where, list)
+        if len(responses) < samples_per_prompt:
+            raise DataError(f"{where}: {len(responses)} responses, fewer than reward.samples_per_prompt="
+                            f"{samples_per_prompt}; lower it to at most the samples the run saved per prompt")
+        groups.append({"prompt_id": _stable_id(prompt), "prompt": prompt, "responses": responses[:samples_per_prompt]})
+        if source.max_records and len(groups) >= source.max_records:
+            break
+    if not groups:
+        raise DataError(f"{source.path}: no saved rollouts")
+    return datasets.Dataset.from_list(groups)
+
+
 def is_eval_prompt(prompt_id: str, eval_fraction: float, seed: int) -> bool:
     """Deterministic split by prompt id: the same prompt always lands on the same side, whatever the row order."""
     digest = hashlib.sha256(f"{seed}:{prompt_id}".encode("utf-8")).digest()
