@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 PREFIX, STAGING = "round_", ".tmp"
 
@@ -62,3 +62,14 @@ def commit_checkpoint(staging: Path, state: dict, keep: int) -> Path:
 
 def read_state(checkpoint: Path) -> dict:
     return json.loads((checkpoint / "state.json").read_text())
+
+
+def read_files(folder: Path) -> Dict[str, bytes]:
+    """Every file under `folder` (relative path -> content): a checkpoint sent between nodes as bytes."""
+    return {str(f.relative_to(folder)): f.read_bytes() for f in Path(folder).rglob("*") if f.is_file()}
+
+
+def write_files(folder: Path, files: Dict[str, bytes]) -> None:
+    for name, content in files.items():
+        (Path(folder) / name).parent.mkdir(parents=True, exist_ok=True)
+        (Path(folder) / name).write_bytes(content)

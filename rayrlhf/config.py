@@ -317,18 +317,22 @@ def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, 
     return raw
 
 
+def read_yaml_mapping(path: str, what: str = "config file") -> Dict[str, Any]:
+    """The mapping a YAML file holds (empty file: {}), or a ConfigError naming the file."""
+    if not Path(path).is_file():
+        raise ConfigError(f"{what} {path!r} does not exist")
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{what} {path!r} is not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{what} {path!r} must hold a mapping of keys, got {type(raw).__name__}")
+    return raw
+
+
 def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> RunConfig:
     """Read YAML (or start empty when path is None), apply overrides, validate. Raises ConfigError."""
-    raw: Dict[str, Any] = {}
-    if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError(f"config file {path!r} does not exist")
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {path!r} is not valid YAML: {error}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path!r} must hold a mapping of keys, got {type(raw).__name__}")
+    raw = read_yaml_mapping(path) if path is not None else {}
     raw = apply_overrides(raw, overrides)
     try:
         return RunConfig.model_validate(raw)

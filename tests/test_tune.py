@@ -163,3 +163,21 @@ def test_a_loop_sweep_with_optuna_reports_every_round_of_whole_runs(tmp_path):
         params = json.loads((trial_dir / "params.json").read_text())
         config = yaml.safe_load((trial_dir / "run" / "config.yaml").read_text())
         assert config["reward"]["eta"] == params["reward.eta"] and config["reward"]["inner_steps"] == params["reward.inner_steps"]
+
+
+@pytest.mark.slow
+def test_concurrent_trials_each_run_their_own_group_of_ranks(tmp_path):
+    shared_file("data", "tldr", "comparisons_batch13.jsonl")
+    path = sweep_file(tmp_path, space={"reward.eta": {"grid": [1e-3, 1e-2]}}, search={"algorithm": "grid"},
+                      scheduler={"name": "fifo"}, max_concurrent=2)
+    storage = tmp_path / "sweeps"
+    run_tune(path, f"storage_path={storage}", "config.reward.epochs=1", "config.resources.reward_learner_ranks=2",
+             "config.resources.cpus_per_actor=0.4")
+    folder = storage / "metarm_tldr"
+    assert [t["status"] for t in read_trials(folder)] == ["finished", "finished"]
+    # The two trials' 2-rank gloo groups trained at the same time, so each had its own group and port.
+    spans = []
+    for result_file in folder.glob("*/result.json"):
+        last = json.loads(result_file.read_text().splitlines()[-1])
+        spans.append((last["timestamp"] - last["time_total_s"], last["timestamp"]))
+    assert len(spans) == 2 and max(start for start, _ in spans) < min(end for _, end in spans)

@@ -10,6 +10,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from rayrlhf.checkpoints import read_files, write_files
 from rayrlhf.config import RunConfig
 from rayrlhf.data.batches import collate_groups, encode_prompt_response, pad_right
 from rayrlhf.data.reward_data import group_batches, prepare_reward_data, task_tokenizer
@@ -155,14 +156,12 @@ class RewardLearner(RankActor):
         """This rank's checkpoint files as bytes (relative path -> content): for a caller on another node."""
         with tempfile.TemporaryDirectory() as folder:
             self.save_checkpoint(folder)
-            return {str(f.relative_to(folder)): f.read_bytes() for f in Path(folder).rglob("*") if f.is_file()}
+            return read_files(Path(folder))
 
     def load_checkpoint_files(self, files: Dict[str, bytes]) -> None:
         """Load a checkpoint given as every rank's files (the union of their checkpoint_files)."""
         with tempfile.TemporaryDirectory() as folder:
-            for name, content in files.items():
-                (Path(folder) / name).parent.mkdir(parents=True, exist_ok=True)
-                (Path(folder) / name).write_bytes(content)
+            write_files(Path(folder), files)
             self.load_checkpoint(folder)
 
     def save_model(self, folder: str) -> None:

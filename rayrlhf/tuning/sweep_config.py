@@ -16,10 +16,10 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Sequence, Tuple
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from rayrlhf.config import RunConfig, Schema, _fields_at, apply_overrides, describe_validation_error, load_config
+from rayrlhf.config import (RunConfig, Schema, _fields_at, apply_overrides, describe_validation_error, load_config,
+                            read_yaml_mapping)
 from rayrlhf.errors import ConfigError
 
 DISTRIBUTIONS = {"loguniform": 2, "uniform": 2, "randint": 2, "choice": None, "grid": None}
@@ -116,12 +116,7 @@ def check_space_keys(space: Dict[str, Dict[str, Any]]) -> None:
 def load_sweep(path: str, overrides: Sequence[str] = ()) -> Tuple[SweepConfig, RunConfig]:
     """(SweepConfig, base RunConfig): the sweep file with `key=value` overrides (`config.a.b=v` go to the
     base config), validated, its space checked against the run config. Raises ConfigError."""
-    if not Path(path).is_file():
-        raise ConfigError(f"sweep file {path!r} does not exist")
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"sweep file {path!r} is not valid YAML: {error}") from None
+    raw = read_yaml_mapping(path, "sweep file")
     base_overrides = [o.removeprefix("config.") for o in overrides if o.startswith("config.")]
     raw = apply_overrides(raw, [o for o in overrides if not o.startswith("config.")])
     try:
@@ -166,8 +161,4 @@ def check_metric(sweep: SweepConfig, base: RunConfig) -> None:
 
 def storage_folder(sweep: SweepConfig) -> Path:
     return Path(sweep.storage_path).expanduser().resolve() / sweep.name
-
-
-def describe_point(params: Dict[str, Any]) -> str:
-    return ", ".join(f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}" for key, value in params.items())
 

@@ -21,6 +21,7 @@ from ray import tune
 from ray.tune import Checkpoint, PlacementGroupFactory
 
 from rayrlhf.actors.placement import RankGroup, bundle, bundles, start_actor
+from rayrlhf.checkpoints import read_files, write_files
 from rayrlhf.config import RunConfig
 from rayrlhf.tuning.sweep_config import trial_config
 
@@ -66,12 +67,11 @@ def reward_model_trial(params: Dict[str, Any], base: RunConfig, working_dir: str
             for rank_files in learner.call("checkpoint_files"):
                 files.update(rank_files)
             with tempfile.TemporaryDirectory() as folder:
-                _write_files(Path(folder) / "reward_model", files)
+                write_files(Path(folder) / "reward_model", files)
                 (Path(folder) / "trial.json").write_text(json.dumps({"epoch": epoch}))
                 tune.report(results, checkpoint=Checkpoint.from_directory(folder))
     finally:
-        learner.call("shutdown")
-        for actor in learner.actors:
+        for actor in learner.actors:  # no barrier first: after a failure a rank may be gone
             ray.kill(actor)
 
 
@@ -81,16 +81,8 @@ def _restore_reward_model(learner: RankGroup) -> int:
     if checkpoint is None:
         return 0
     with checkpoint.as_directory() as folder:
-        files = {str(f.relative_to(Path(folder) / "reward_model")): f.read_bytes()
-                 for f in (Path(folder) / "reward_model").rglob("*") if f.is_file()}
-        learner.call("load_checkpoint_files", files)
+        learner.call("load_checkpoint_files", read_files(Path(folder) / "reward_model"))
         return json.loads((Path(folder) / "trial.json").read_text())["epoch"]
-
-
-def _write_files(folder: Path, files: Dict[str, bytes]) -> None:
-    for name, content in files.items():
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_bytes(content)
 
 
 def rlhf_trial(params: Dict[str, Any], base: RunConfig, working_dir: str) -> None:
