@@ -159,6 +159,23 @@ def test_a_ppo_rank_killed_restarts_the_run_from_its_checkpoint_and_it_ends_as_u
 
 
 @pytest.mark.fault
+def test_one_of_two_ppo_ranks_killed_frees_the_other_and_the_run_recovers(tmp_path):
+    """With 2 PPO ranks the survivor is left waiting in a gloo collective for the dead one: the driver must
+    not wait for it, and the restart must replace both."""
+    killed = tmp_path / "two_ranks"
+    result = run_main("conf/tiny.yaml", f"run_dir={killed}", "rounds=3", "resources.ppo_ranks=2", "rollout.engine=hf",
+                      env={"RAYRLHF_FAULT": "ppo_step:2:kill"})
+    assert "an actor died" in result.stderr and "restarting every actor from" in result.stderr
+    assert "round_0001" in result.stderr and "restart 1 of 2" in result.stderr
+    assert [row["round"] for row in rounds_csv(killed)] == ["1", "2", "3"]
+    steps = [r["step"] for r in records(killed, "ppo")]
+    assert steps == list(range(1, len(steps) + 1))  # the redone steps logged once
+    record("one of 2 PPO ranks dies (round 2)", "`RAYRLHF_FAULT=ppo_step:2:kill resources.ppo_ranks=2`",
+           "the step fails as soon as that rank is gone, though the other waits in a collective; every actor, both "
+           "ranks included, restarts from round_0001 and the run finishes its rounds", "round 2 up to the kill, redone")
+
+
+@pytest.mark.fault
 def test_a_kill_while_a_checkpoint_is_written_keeps_the_previous_one_and_the_run_ends_as_uninterrupted(default_run, tmp_path):
     """The PPO rank dies after writing its part of round 2's checkpoint, before the driver renames it into place:
     the restart loads round 1's checkpoint (so it is intact and loadable) and the run ends as if nothing happened."""
