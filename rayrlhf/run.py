@@ -11,8 +11,6 @@ rounds.csv, rounds.png and a per-round table. `resume=true` continues from the l
 """
 import csv
 import json
-import logging
-import os
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -65,15 +63,9 @@ def check_run_dir(config: RunConfig) -> None:
 
 def start_ray(config: RunConfig):
     """Join RAY_ADDRESS's cluster, else start a local instance; then check the resources against it."""
-    import ray
+    from rayrlhf.actors.placement import check_resources, connect_ray
 
-    from rayrlhf.actors.placement import check_resources
-
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(logging_level=logging.WARNING)
-        else:
-            ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    ray = connect_ray()
     check_resources(config.resources, ray.cluster_resources())
     return ray
 

@@ -11,7 +11,6 @@ stops poor trials early, and checkpoints, so an interrupted sweep resumes. At th
 storage_path/name: trials.csv (the table printed), trials.png (metric against each swept key) and
 best_config.yaml (the best trial's full run config, for `python -m rayrlhf.run`).
 """
-import logging
 import os
 import sys
 from typing import List, Optional
@@ -20,9 +19,6 @@ from rayrlhf.cli import run_command_with
 from rayrlhf.config import RunConfig
 from rayrlhf.errors import ConfigError
 from rayrlhf.tuning.sweep_config import SweepConfig, load_sweep, storage_folder
-
-log = logging.getLogger("rayrlhf.tune")
-
 
 def search_algorithm(sweep: SweepConfig):
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -43,17 +39,6 @@ def tune_space(space: dict) -> dict:
     make = {"loguniform": lambda a: tune.loguniform(*a), "uniform": lambda a: tune.uniform(*a),
             "randint": lambda a: tune.randint(a[0], a[1] + 1), "choice": tune.choice, "grid": tune.grid_search}
     return {key: make[kind](arguments) for key, distribution in space.items() for kind, arguments in distribution.items()}
-
-
-def start_ray():
-    import ray
-
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(logging_level=logging.WARNING)
-        else:
-            ray.init(include_dashboard=False, logging_level=logging.WARNING)
-    return ray
 
 
 def check_fits(sweep: SweepConfig, base: RunConfig, cluster: dict) -> None:
@@ -106,7 +91,9 @@ def sweep_and_report(sweep: SweepConfig, base: RunConfig) -> None:
 
     # Every report checkpoints (so trials resume); Tune warns when that makes it snapshot its state often.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    ray = start_ray()
+    from rayrlhf.actors.placement import connect_ray
+
+    ray = connect_ray()
     check_fits(sweep, base, ray.cluster_resources())
     results = build_tuner(sweep, base).fit()
     folder = storage_folder(sweep)

@@ -13,6 +13,19 @@ from rayrlhf.errors import ConfigError
 READY_TIMEOUT_S = 120
 
 
+def connect_ray():
+    """Join RAY_ADDRESS's cluster (as under `ray job submit`), else start a local instance without a dashboard."""
+    import logging
+    import os
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(logging_level=logging.WARNING)
+        else:
+            ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    return ray
+
+
 def actor_count(resources: ResourcesConfig) -> int:
     return resources.rollout_workers + resources.reward_learner_ranks + resources.ppo_ranks
 
