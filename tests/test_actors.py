@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": child_env_overrides()})
+    # address="local": always a fresh instance, never a cluster some other run left on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": child_env_overrides()})
     yield
     ray.shutdown()
 

@@ -1,11 +1,39 @@
 """torch.distributed set-up for DeepSpeed: gloo on CPU, NCCL on GPU, one process per rank."""
+import logging
 import os
 import socket
 import sys
-from typing import Iterable
+import time
+from pathlib import Path
+from typing import Iterable, List
 
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+STALE_BUILD_LOCK_S = 600  # DeepSpeed's shm op builds in about a minute; a lock this old has no builder left
+
+
+def remove_stale_build_locks(extensions_dir: Path, max_age_s: float = STALE_BUILD_LOCK_S) -> List[Path]:
+    """Delete torch-extension build locks older than max_age_s under extensions_dir; return them.
+
+    A process killed while building an op (DeepSpeed's CPU shm comm op, built at first init) leaves its
+    `lock` file, and every later build waits on it forever without a word.
+    """
+    now = time.time()
+    removed = []
+    for lock in [*extensions_dir.glob("*/lock"), *extensions_dir.glob("*/*/lock")]:
+        if now - lock.stat().st_mtime > max_age_s:
+            lock.unlink(missing_ok=True)
+            removed.append(lock)
+            logger.warning("removed a stale torch-extension build lock left by a killed build: %s", lock)
+    return removed
+
+
+def torch_extensions_dir() -> Path:
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
 
 
 def free_port() -> int:
@@ -36,6 +64,8 @@ def init_distributed(device: str, rank: int = 0, world_size: int = 1, master_por
     os.environ.setdefault("RANK", str(rank))
     os.environ.setdefault("LOCAL_RANK", str(rank))
     os.environ.setdefault("WORLD_SIZE", str(world_size))
+    if device == "cpu":
+        remove_stale_build_locks(torch_extensions_dir())
     deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
 
 
