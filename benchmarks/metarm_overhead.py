@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rayrlhf.config import ModelSpec, SyntheticTask  # noqa: E402
-from rayrlhf.data.batches import collate_groups, collate_pairs, encode_prompt_response  # noqa: E402
+from rayrlhf.data.batches import collate_groups, collate_pair_list, encode_group_rows, encode_pair_rows  # noqa: E402
 from rayrlhf.data.synthetic import SyntheticPreferenceTask  # noqa: E402
 from rayrlhf.models.build import build_reward_model, load_tokenizer  # noqa: E402
 from rayrlhf.training.distributed import init_distributed  # noqa: E402
@@ -29,15 +29,9 @@ from rayrlhf.training.reward_trainer import RewardModelTrainer  # noqa: E402
 
 def batches(tokenizer, pairs: int, prompts: int, k: int):
     task = SyntheticPreferenceTask(SyntheticTask(max_response_words=12), seed=0)
-    table, groups = task.preference_pairs(), task.drifted_response_groups(k)
-
-    def encode(prompt, response):
-        return encode_prompt_response(tokenizer, prompt, response, 32, 32)
-
-    rows = table.select(range(pairs))
-    preference = collate_pairs([encode(r["prompt"], r["chosen"]) for r in rows], [encode(r["prompt"], r["rejected"]) for r in rows], tokenizer.pad_token_id)
-    meta = collate_groups([[encode(g["prompt"], t) for t in g["responses"]] for g in groups.select(range(prompts))], tokenizer.pad_token_id)
-    return preference, meta
+    preference = encode_pair_rows(tokenizer, task.preference_pairs().select(range(pairs)), 32, 32)
+    meta = encode_group_rows(tokenizer, task.drifted_response_groups(k).select(range(prompts)), 32, 32)
+    return collate_pair_list(preference, tokenizer.pad_token_id), collate_groups(meta, tokenizer.pad_token_id)
 
 
 def main() -> None:

@@ -1,11 +1,12 @@
 """Tokenisation with truncation that never cuts the response away, and padded batches for the RM."""
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import Iterable, List, Sequence, Tuple
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 TokenIds = List[int]
+TokenisedPair = Tuple[TokenIds, TokenIds]  # (chosen, rejected)
 
 
 def end_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -28,6 +29,24 @@ def encode_prompt_response(
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][-max_prompt_tokens:]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"][: max_response_tokens - 1]
     return prompt_ids + response_ids + [end_token_id(tokenizer)]
+
+
+def encode_pair_rows(
+    tokenizer: PreTrainedTokenizerBase, rows: Iterable[dict], max_prompt_tokens: int, max_response_tokens: int
+) -> List[TokenisedPair]:
+    """Rows with prompt/chosen/rejected fields as (chosen ids, rejected ids), each prompt + response + end."""
+    def encode(prompt: str, response: str) -> TokenIds:
+        return encode_prompt_response(tokenizer, prompt, response, max_prompt_tokens, max_response_tokens)
+
+    return [(encode(row["prompt"], row["chosen"]), encode(row["prompt"], row["rejected"])) for row in rows]
+
+
+def encode_group_rows(
+    tokenizer: PreTrainedTokenizerBase, groups: Iterable[dict], max_prompt_tokens: int, max_response_tokens: int
+) -> List[List[TokenIds]]:
+    """Rows with prompt/responses fields (k responses to one prompt) as k prompt + response + end sequences."""
+    return [[encode_prompt_response(tokenizer, group["prompt"], text, max_prompt_tokens, max_response_tokens)
+             for text in group["responses"]] for group in groups]
 
 
 @dataclass
@@ -60,6 +79,10 @@ def pad_right(sequences: Sequence[TokenIds], pad_id: int):
         ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
         mask[row, : len(sequence)] = 1
     return ids, mask
+
+
+def collate_pair_list(pairs: Sequence[TokenisedPair], pad_id: int) -> PreferenceBatch:
+    return collate_pairs([chosen for chosen, _ in pairs], [rejected for _, rejected in pairs], pad_id)
 
 
 def collate_pairs(chosen: Sequence[TokenIds], rejected: Sequence[TokenIds], pad_id: int) -> PreferenceBatch:

@@ -2,19 +2,19 @@
 import logging
 import random
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional
 
 import datasets
 from transformers import PreTrainedTokenizerBase
 
 from rayrlhf.config import DataConfig, DataSource
-from rayrlhf.data.batches import PreferenceBatch, ResponseGroupBatch, TokenIds, collate_groups, collate_pairs, encode_prompt_response, rank_shard
+from rayrlhf.data.batches import (PreferenceBatch, ResponseGroupBatch, TokenIds, TokenisedPair, collate_groups, collate_pair_list,
+                                  encode_group_rows, encode_pair_rows, rank_shard)
 from rayrlhf.data.sources import load_preference_pairs, load_saved_rollouts, response_groups, split_by_prompt
 from rayrlhf.data.synthetic import SyntheticPreferenceTask
 from rayrlhf.errors import ConfigError
 
 log = logging.getLogger(__name__)
-TokenisedPair = Tuple[TokenIds, TokenIds]
 
 
 @dataclass
@@ -42,17 +42,14 @@ def prepare_reward_data(
         log.warning("dropped pairs from %s: %s", data.preference.path or "synthetic", loaded.dropped)
     train, evaluation = split_by_prompt(loaded.pairs, data.eval_fraction, seed)
 
-    def encode(prompt: str, response: str) -> TokenIds:
-        return encode_prompt_response(tokenizer, prompt, response, data.max_prompt_tokens, data.max_response_tokens)
-
     def pairs_of(table: datasets.Dataset) -> List[TokenisedPair]:
-        return [(encode(r["prompt"], r["chosen"]), encode(r["prompt"], r["rejected"])) for r in table]
+        return encode_pair_rows(tokenizer, table, data.max_prompt_tokens, data.max_response_tokens)
 
     synthetic = SyntheticPreferenceTask(data.synthetic, seed) if data.preference.format == "synthetic" else None
     result = RewardData(train=pairs_of(train), evaluation=pairs_of(evaluation), dropped=loaded.dropped)
     if need_meta:
         groups = _meta_groups(data.meta, synthetic, data, samples_per_prompt, seed)
-        result.meta = [[encode(g["prompt"], text) for text in g["responses"]] for g in groups]
+        result.meta = encode_group_rows(tokenizer, groups, data.max_prompt_tokens, data.max_response_tokens)
     if data.target_eval is not None:
         result.target = pairs_of(load_preference_pairs(data.target_eval, data.synthetic, seed).pairs)
     elif synthetic is not None:
@@ -84,8 +81,7 @@ def preference_batches(
     stop = len(order) - len(order) % batch_size if shuffle_seed is not None else len(order)
     for start in range(0, stop, batch_size):
         chunk = [pairs[i] for i in order[start : start + batch_size]]
-        local = rank_shard(chunk, rank, world_size)
-        yield collate_pairs([c for c, _ in local], [r for _, r in local], pad_id)
+        yield collate_pair_list(rank_shard(chunk, rank, world_size), pad_id)
 
 
 def group_batches(

@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from rayrlhf.config import ModelSpec, SyntheticTask  # noqa: E402
-from rayrlhf.data.batches import collate_groups, collate_pairs, encode_prompt_response, rank_shard  # noqa: E402
+from rayrlhf.data.batches import collate_groups, collate_pair_list, encode_group_rows, encode_pair_rows, rank_shard  # noqa: E402
 from rayrlhf.data.synthetic import SyntheticPreferenceTask  # noqa: E402
 from rayrlhf.models.build import build_reward_model  # noqa: E402
 
@@ -33,20 +33,11 @@ def tiny_reward_model(tokenizer):
 def global_batches(rank: int = 0, world_size: int = 1):
     """STEPS (preference batch, meta batch) pairs; each rank gets its contiguous share."""
     task, tokenizer = task_and_tokenizer()
-    pairs, groups = task.preference_pairs(), task.drifted_response_groups(K)
-
-    def encode(prompt, response):
-        return encode_prompt_response(tokenizer, prompt, response, 32, 16)
-
-    batches = []
-    for step in range(STEPS):
-        rows = rank_shard(list(pairs.select(range(step * PAIRS_PER_STEP, (step + 1) * PAIRS_PER_STEP))), rank, world_size)
-        preference = collate_pairs([encode(r["prompt"], r["chosen"]) for r in rows],
-                                   [encode(r["prompt"], r["rejected"]) for r in rows], tokenizer.pad_token_id)
-        prompts = rank_shard(list(groups.select(range(step * PROMPTS_PER_STEP, (step + 1) * PROMPTS_PER_STEP))), rank, world_size)
-        meta = collate_groups([[encode(g["prompt"], text) for text in g["responses"]] for g in prompts], tokenizer.pad_token_id)
-        batches.append((preference, meta))
-    return batches
+    pairs = encode_pair_rows(tokenizer, task.preference_pairs().select(range(STEPS * PAIRS_PER_STEP)), 32, 16)
+    groups = encode_group_rows(tokenizer, task.drifted_response_groups(K).select(range(STEPS * PROMPTS_PER_STEP)), 32, 16)
+    return [(collate_pair_list(rank_shard(pairs[step * PAIRS_PER_STEP:(step + 1) * PAIRS_PER_STEP], rank, world_size), tokenizer.pad_token_id),
+             collate_groups(rank_shard(groups[step * PROMPTS_PER_STEP:(step + 1) * PROMPTS_PER_STEP], rank, world_size), tokenizer.pad_token_id))
+            for step in range(STEPS)]
 
 
 def make_trainer(zero_stage: int, order: str = "first", world_size: int = 1):
