@@ -11,7 +11,7 @@ decode step does nothing but read the weights and the KV cache once, at the copy
 `smollm2-random` is the SmolLM2-135M architecture with random weights (no model file needed) fed random
 prompt tokens.
 
-All engines sample with temperature 0.8 and top-p 0.9 and stop at eos, so response lengths differ between
+All engines sample with the same temperature and top-p (the paper's 0.8 and 0.9 unless given) and stop at eos, so response lengths differ between
 engines; tokens/s counts the tokens each one actually generated. The first call of each engine is a warm-up.
 """
 import argparse
@@ -29,7 +29,6 @@ from rayrlhf.data.synthetic import SyntheticPreferenceTask
 from rayrlhf.models.build import build_causal_lm, load_tokenizer, save_model
 from rayrlhf.models.generation import TransformersEngine
 
-TEMPERATURE, TOP_P = 0.8, 0.9
 
 
 def smollm2_random(dtype: torch.dtype):
@@ -56,15 +55,15 @@ def prompts_for(tokenizer, count: int, model: str, prompt_tokens: int):
     return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
 
 
-def plain_generate(model, prompts, new_tokens, eos, pad, sample=True):
+def plain_generate(model, prompts, new_tokens, eos, pad, sampling=None):
     """transformers' own generate, the same prompts left-padded in one batch."""
     longest = max(map(len, prompts))
     ids = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts], device=model.device)
     mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=model.device)
-    sampling = dict(do_sample=True, temperature=TEMPERATURE, top_p=TOP_P, top_k=0) if sample else dict(do_sample=False)
-    out = model.generate(input_ids=ids, attention_mask=mask, **sampling,
+    options = dict(do_sample=True, temperature=sampling[0], top_p=sampling[1], top_k=0) if sampling else dict(do_sample=False)
+    out = model.generate(input_ids=ids, attention_mask=mask, **options,
                          max_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=pad)[:, longest:]
-    if not sample:
+    if not sampling:
         return [row[:response_length(row, eos)] for row in out.tolist()]
     return sum(response_length(row.tolist(), eos) for row in out)
 
@@ -105,18 +104,20 @@ def vllm_results(model, tokenizer, prompts, args, seed):
     with tempfile.TemporaryDirectory() as folder:
         save_model(model, tokenizer, f"{folder}/policy")
         started = time.perf_counter()
-        vllm = VLLMEngine(f"{folder}/policy", device="cpu", dtype="float32", seed=0,
-                          max_model_len=max(map(len, prompts)) + args.new_tokens, in_process=args.vllm_in_process)
+        vllm = VLLMEngine(f"{folder}/policy", device="cpu", dtype=str(model.dtype).removeprefix("torch."), seed=0,
+                          max_model_len=max(map(len, prompts)) + args.new_tokens, in_process=args.vllm_in_process,
+                          compiled=args.vllm_compiled)
         start_seconds = time.perf_counter() - started
         rate = timed(lambda: vllm.generate(
-            prompts, n=1, temperature=TEMPERATURE, top_p=TOP_P, max_new_tokens=args.new_tokens,
+            prompts, n=1, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.new_tokens,
             eos_token_id=end_token_id(tokenizer), seed=next(seed)).num_tokens, args.repeats)
         weights = {name: tensor.detach() for name, tensor in model.state_dict().items()}
         size = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in weights.values()}.values())  # tied once
         sync_seconds, _ = timed(lambda: vllm.load_weights(weights) or 0, args.repeats)
         copy_seconds, _ = timed(lambda: [t.clone() for t in weights.values()] and 0, args.repeats)
         vllm.shutdown()
-    print(f"vLLM start ({'in-process' if args.vllm_in_process else 'multiprocess'} mode): {start_seconds:.1f} s")
+    mode = f"{'in-process' if args.vllm_in_process else 'multiprocess'}, {'compiled' if args.vllm_compiled else 'eager'}"
+    print(f"vLLM start ({mode}): {start_seconds:.1f} s")
     print(f"weight sync into vLLM ({size / 2**20:.0f} MiB): {sync_seconds:.3f} s; copying the same bytes in memory: "
           f"{copy_seconds:.3f} s; ratio {sync_seconds / copy_seconds:.1f}")
     return rate
@@ -145,7 +146,10 @@ def main():
     parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length for smollm2-random")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--temperature", type=float, default=0.8, help="the paper's (and conf/tldr.yaml's) 0.8")
+    parser.add_argument("--top-p", type=float, default=0.9, help="the paper's 0.9; 1.0 samples from the policy itself")
     parser.add_argument("--vllm-in-process", action="store_true", help="vLLM's engine core in this process")
+    parser.add_argument("--vllm-compiled", action="store_true", help="vLLM compiles its model (else eager)")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
     if args.model == "smollm2-random":
@@ -161,7 +165,7 @@ def main():
     machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     print(f"machine: {machine}; torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads")
     print(f"model: {args.model} ({parameters / 1e6:.1f}M parameters, {dtype}); {len(prompts)} prompts of up to "
-          f"{max(map(len, prompts))} tokens, up to {args.new_tokens} new tokens, temperature {TEMPERATURE}, top-p {TOP_P}; "
+          f"{max(map(len, prompts))} tokens, up to {args.new_tokens} new tokens, temperature {args.temperature}, top-p {args.top_p}; "
           f"mean of {args.repeats} after a warm-up")
 
     ours = TransformersEngine(model, pad)
@@ -169,15 +173,16 @@ def main():
     greedy_ours = ours.generate(prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=args.new_tokens,
                                 eos_token_id=eos, seed=0).response_ids
     with torch.no_grad():
-        greedy_plain = plain_generate(model, prompts, args.new_tokens, eos, pad, sample=False)
+        greedy_plain = plain_generate(model, prompts, args.new_tokens, eos, pad)
     same = sum(a == b for a, b in zip(greedy_ours, greedy_plain))
     print(f"greedy decoding: {same} of {len(prompts)} responses identical to plain generate's")
 
     results = {}
     with torch.no_grad():
-        results["plain model.generate"] = timed(lambda: plain_generate(model, prompts, args.new_tokens, eos, pad), args.repeats)
+        sampling = (args.temperature, args.top_p)
+        results["plain model.generate"] = timed(lambda: plain_generate(model, prompts, args.new_tokens, eos, pad, sampling), args.repeats)
     results["rayrlhf transformers engine"] = timed(lambda: ours.generate(
-        prompts, n=1, temperature=TEMPERATURE, top_p=TOP_P, max_new_tokens=args.new_tokens, eos_token_id=eos,
+        prompts, n=1, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.new_tokens, eos_token_id=eos,
         seed=next(seed)).num_tokens, args.repeats)
     if args.device == "cpu" and tokenizer is not None:  # vLLM loads from a folder with a tokenizer
         results["vLLM engine"] = vllm_results(model, tokenizer, prompts, args, seed)

@@ -202,6 +202,10 @@ class RolloutConfig(Schema):
     vllm_in_process: bool = True
     """Run vLLM's engine core inside the rollout worker's process (VLLM_ENABLE_V1_MULTIPROCESSING=0): weights
     pass to it as tensors, not as serialised bytes, and no extra process holds a core (benchmarks/results/rollout.md)."""
+    vllm_compiled: Optional[bool] = None
+    """Let vLLM compile its model (torch.compile; CUDA graphs on GPU) instead of running it eagerly. Unset:
+    compiled on GPU, where graphs remove the launch overhead; eager on CPU, where compiling took 73 s to start
+    and decoded no faster (benchmarks/results/rollout.md)."""
     logprob_mismatch_warning: float = Field(1e-2, ge=0)
     """Warn when the mean |engine log-prob - trainer log-prob| of a PPO step's tokens exceeds this: the engine
     and the trainer then disagree about the policy (stale weights, a dtype or kernel mismatch), and PPO's

@@ -37,9 +37,12 @@ class RolloutWorker:
             self.model_folder = tempfile.mkdtemp(prefix="rayrlhf-rollout-")
             save_model(model, self.tokenizer, f"{self.model_folder}/policy")
             max_model_len = config.data.max_prompt_tokens + config.rollout.max_new_tokens
+            compiled = config.rollout.vllm_compiled
+            if compiled is None:
+                compiled = config.resources.device == "cuda"
             self.engine = VLLMEngine(f"{self.model_folder}/policy", device=config.resources.device,
                                      dtype=config.policy.dtype, seed=config.seed, max_model_len=max_model_len,
-                                     in_process=config.rollout.vllm_in_process)
+                                     in_process=config.rollout.vllm_in_process, compiled=compiled)
         else:
             self.engine = TransformersEngine(model, self.tokenizer.pad_token_id)
         self.weights_version = -1

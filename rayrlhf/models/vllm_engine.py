@@ -46,7 +46,7 @@ class VLLMEngine:
     """One vLLM engine over a transformers model folder (the policy as built, later updated in place)."""
 
     def __init__(self, model_folder: str, *, device: str, dtype: str, seed: int, max_model_len: int,
-                 in_process: bool = False):
+                 in_process: bool = False, compiled: bool = False):
         # In-process mode runs the engine core in this process: no process to pin a core or to ship weights to.
         self.in_process = in_process
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
@@ -58,7 +58,7 @@ class VLLMEngine:
             model=model_folder,
             dtype=dtype,
             seed=seed,
-            enforce_eager=True,  # starts in seconds; compiled mode takes most of a minute on CPU
+            enforce_eager=not compiled,  # eager starts in seconds; compiled takes most of a minute on CPU
             skip_tokenizer_init=True,  # token ids in and out; text is decoded by the worker's tokenizer
             max_model_len=max_model_len,
             worker_extension_cls=f"{__name__}.WeightReceiver",
