@@ -23,7 +23,11 @@ def remove_stale_build_locks(extensions_dir: Path, max_age_s: float = STALE_BUIL
     now = time.time()
     removed = []
     for lock in [*extensions_dir.glob("*/lock"), *extensions_dir.glob("*/*/lock")]:
-        if now - lock.stat().st_mtime > max_age_s:
+        try:
+            age = now - lock.stat().st_mtime
+        except FileNotFoundError:  # its build finished meanwhile
+            continue
+        if age > max_age_s:
             lock.unlink(missing_ok=True)
             removed.append(lock)
             logger.warning("removed a stale torch-extension build lock left by a killed build: %s", lock)
