@@ -62,3 +62,13 @@ def test_spread_places_the_actors_on_several_nodes(three_nodes, tmp_path):
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     placement = json.loads((run_dir / "placement.json").read_text())
     assert len({actor["node_id"] for actor in placement}) == 3  # three actors, three nodes, one each
+
+
+def test_a_run_given_no_ray_address_starts_its_own_instance_beside_a_running_cluster(three_nodes, tmp_path):
+    """Only this cluster offers `rollout_node`. A run without RAY_ADDRESS must start its own instance rather than
+    join the cluster it finds running on the machine (a bare ray.init() would), so that pin is refused."""
+    result = subprocess.run([sys.executable, "-m", "rayrlhf.run", "conf/tiny.yaml", f"run_dir={tmp_path / 'run'}",
+                             "resources.node_resources={rollout: rollout_node}"],
+                            cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, (result.stdout + result.stderr)[-3000:]
+    assert "resources.node_resources.rollout='rollout_node'" in result.stderr

@@ -240,9 +240,8 @@ def test_the_driver_killed_and_resumed_ends_with_the_uninterrupted_metrics(defau
     process.kill()
     process.wait()
     killed_at = time.monotonic()
-    # The actors go at once; Ray's two agent processes notice their raylet is gone about a minute later. The
-    # resume need not wait for them (it would only join the old cluster while its GCS lived), so a thread
-    # notes each exit meanwhile.
+    # The actors, the GCS and the raylet go at once; Ray's two agent processes notice their raylet is gone
+    # about a minute later. The resume (its own new Ray instance) need not wait, so a thread notes each exit.
     _, core_alive = psutil.wait_procs(cluster_core, timeout=60)
     assert cluster_core and not core_alive, [survivor_command(p) for p in core_alive]
     exits = {}

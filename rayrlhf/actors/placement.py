@@ -14,7 +14,11 @@ READY_TIMEOUT_S = 120
 
 
 def connect_ray():
-    """Join RAY_ADDRESS's cluster (as under `ray job submit`), else start a local instance without a dashboard."""
+    """Join RAY_ADDRESS's cluster (as under `ray job submit`), else start a local instance without a dashboard.
+
+    The local instance is always a new one (address="local"): a bare ray.init() would join a cluster that
+    `ray start` left running on the machine, someone else's included.
+    """
     import logging
     import os
 
@@ -22,7 +26,7 @@ def connect_ray():
         if os.environ.get("RAY_ADDRESS"):
             ray.init(logging_level=logging.WARNING)
         else:
-            ray.init(include_dashboard=False, logging_level=logging.WARNING)
+            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
     return ray
 
 
