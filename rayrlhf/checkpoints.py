@@ -70,6 +70,8 @@ def read_files(folder: Path) -> Dict[str, bytes]:
 
 
 def write_files(folder: Path, files: Dict[str, bytes]) -> None:
+    """The inverse of read_files: each file written under `folder`, folders made as needed."""
     for name, content in files.items():
-        (Path(folder) / name).parent.mkdir(parents=True, exist_ok=True)
-        (Path(folder) / name).write_bytes(content)
+        path = Path(folder) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)

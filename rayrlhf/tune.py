@@ -20,6 +20,7 @@ from rayrlhf.config import RunConfig
 from rayrlhf.errors import ConfigError
 from rayrlhf.tuning.sweep_config import SweepConfig, load_sweep, storage_folder
 
+
 def search_algorithm(sweep: SweepConfig):
     from ray.tune.search.basic_variant import BasicVariantGenerator
 

@@ -1,5 +1,7 @@
 """Where actors go: one placement group holding a bundle per actor, checked against the cluster first,
 and groups of ranks that form one torch.distributed group."""
+import logging
+import os
 import socket
 from typing import Any, List
 
@@ -19,9 +21,6 @@ def connect_ray():
     The local instance is always a new one (address="local"): a bare ray.init() would join a cluster that
     `ray start` left running on the machine, someone else's included.
     """
-    import logging
-    import os
-
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
             ray.init(logging_level=logging.WARNING)
@@ -115,9 +114,6 @@ def start_actor(actor_class, group: PlacementGroup, bundle_index: int, resources
 
 def prepare_actor_process(resources: ResourcesConfig) -> None:
     """Per actor process: torch threads to match the CPUs reserved, and quiet library loggers."""
-    import logging
-    import os
-
     import torch
 
     if resources.device == "cpu":

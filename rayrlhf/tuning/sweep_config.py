@@ -161,4 +161,3 @@ def check_metric(sweep: SweepConfig, base: RunConfig) -> None:
 
 def storage_folder(sweep: SweepConfig) -> Path:
     return Path(sweep.storage_path).expanduser().resolve() / sweep.name
-

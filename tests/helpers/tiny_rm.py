@@ -35,9 +35,13 @@ def global_batches(rank: int = 0, world_size: int = 1):
     task, tokenizer = task_and_tokenizer()
     pairs = encode_pair_rows(tokenizer, task.preference_pairs().select(range(STEPS * PAIRS_PER_STEP)), 32, 16)
     groups = encode_group_rows(tokenizer, task.drifted_response_groups(K).select(range(STEPS * PROMPTS_PER_STEP)), 32, 16)
-    return [(collate_pair_list(rank_shard(pairs[step * PAIRS_PER_STEP:(step + 1) * PAIRS_PER_STEP], rank, world_size), tokenizer.pad_token_id),
-             collate_groups(rank_shard(groups[step * PROMPTS_PER_STEP:(step + 1) * PROMPTS_PER_STEP], rank, world_size), tokenizer.pad_token_id))
-            for step in range(STEPS)]
+    batches = []
+    for step in range(STEPS):
+        step_pairs = pairs[step * PAIRS_PER_STEP:(step + 1) * PAIRS_PER_STEP]
+        step_groups = groups[step * PROMPTS_PER_STEP:(step + 1) * PROMPTS_PER_STEP]
+        batches.append((collate_pair_list(rank_shard(step_pairs, rank, world_size), tokenizer.pad_token_id),
+                        collate_groups(rank_shard(step_groups, rank, world_size), tokenizer.pad_token_id)))
+    return batches
 
 
 def make_trainer(zero_stage: int, order: str = "first", world_size: int = 1):
