@@ -48,14 +48,20 @@ def test_tied_tensors_are_sent_once():
     assert set(state) - set(distinct) == {"lm_head.weight"}
 
 
-def test_a_gloo_broadcast_group_delivers_every_bucket_to_every_member():
-    tensors, port, members = mixed_tensors(), free_port(), 3
+def broadcast_in_threads(device: str, members: int):
+    """Member 0 sends mixed_tensors() in 64-byte buckets to members 1.. (threads; on CUDA member i on GPU i);
+    returns what each receiver got."""
+    tensors, port = mixed_tensors(), free_port()
+    if device == "cuda":
+        tensors = {name: tensor.to("cuda:0") for name, tensor in tensors.items()}
     plan = plan_buckets(tensors, bucket_bytes=64)
     received, errors = {}, []
 
     def member(index):
         try:
-            group = BroadcastGroup("127.0.0.1", port, index, members, "cpu")
+            if device == "cuda":
+                torch.cuda.set_device(index)  # per thread: NCCL needs each member on its own GPU
+            group = BroadcastGroup("127.0.0.1", port, index, members, device)
             if index == 0:
                 group.send(tensors, plan)
             else:
@@ -68,10 +74,38 @@ def test_a_gloo_broadcast_group_delivers_every_bucket_to_every_member():
         thread.start()
     for thread in threads:
         thread.join(timeout=60)
-    assert not errors and sorted(received) == [1, 2]
+    assert not errors, errors
+    return tensors, received
+
+
+def test_a_gloo_broadcast_group_delivers_every_bucket_to_every_member():
+    tensors, received = broadcast_in_threads("cpu", members=3)
+    assert sorted(received) == [1, 2]
     for weights in received.values():
         for name, tensor in tensors.items():
             assert torch.equal(weights[name], tensor)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs a GPU per member")
+def test_an_nccl_broadcast_group_delivers_every_bucket_to_every_gpu():
+    members = min(torch.cuda.device_count(), 4)
+    tensors, received = broadcast_in_threads("cuda", members)
+    assert sorted(received) == list(range(1, members))
+    for index, weights in received.items():
+        for name, tensor in tensors.items():
+            assert weights[name].device == torch.device("cuda", index)
+            assert torch.equal(weights[name].cpu(), tensor.cpu())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_an_nccl_group_of_one_packs_and_broadcasts_on_the_gpu():
+    """What one GPU can check of the NCCL path: the group forms and a packed GPU bucket survives the broadcast."""
+    tensors = {name: tensor.cuda() for name, tensor in mixed_tensors().items()}
+    plan = plan_buckets(tensors, bucket_bytes=64)
+    group = BroadcastGroup("127.0.0.1", free_port(), 0, 1, "cuda")
+    for bucket in plan:
+        for name, tensor in unpack_bucket(group.broadcast(pack_bucket(tensors, bucket)), bucket).items():
+            assert tensor.is_cuda and torch.equal(tensor, tensors[name])
 
 
 def test_broadcast_on_shared_gpus_is_refused():
