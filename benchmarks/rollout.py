@@ -5,9 +5,11 @@ time to copy the same bytes in memory.
     .venv/bin/python benchmarks/rollout.py [--model smollm2|tiny] [--prompts 16] [--new-tokens 32] [--repeats 2]
     python benchmarks/rollout.py --device cuda --model smollm2-random --prompts 64 --prompt-tokens 128 --new-tokens 128
 
-On CUDA (where vLLM is not installed) it compares the transformers engine with plain generate, checks that
-both decode greedily to the same tokens, and prints the memory-bandwidth floor: the tokens/s at which each
-decode step does nothing but read the weights and the KV cache once, at the copy bandwidth measured here.
+On CUDA (where vLLM is not installed) it compares the transformers engine with plain generate. On both devices
+it checks that greedy decoding gives plain generate's tokens, and prints the memory-bandwidth floor: the
+tokens/s at which each decode step does nothing but read the weights and the KV cache once, at the copy
+bandwidth measured here (prompt processing not counted); and the compute floor: the tokens/s at which every
+matrix product of a batch runs as fast as a large square one does here.
 `smollm2-random` is the SmolLM2-135M architecture with random weights (no model file needed) fed random
 prompt tokens.
 
@@ -108,9 +110,14 @@ def vllm_results(model, tokenizer, prompts, args, seed):
                           max_model_len=max(map(len, prompts)) + args.new_tokens, in_process=args.vllm_in_process,
                           compiled=args.vllm_compiled)
         start_seconds = time.perf_counter() - started
-        rate = timed(lambda: vllm.generate(
-            prompts, n=1, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.new_tokens,
-            eos_token_id=end_token_id(tokenizer), seed=next(seed)).num_tokens, args.repeats)
+
+        def one_batch():
+            vllm.llm.reset_prefix_cache()  # the prompts' KV computed every call, as the other engines do
+            return vllm.generate(prompts, n=1, temperature=args.temperature, top_p=args.top_p,
+                                 max_new_tokens=args.new_tokens, eos_token_id=end_token_id(tokenizer),
+                                 seed=next(seed)).num_tokens
+
+        rate = timed(one_batch, args.repeats)
         weights = {name: tensor.detach() for name, tensor in model.state_dict().items()}
         size = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in weights.values()}.values())  # tied once
         sync_seconds, _ = timed(lambda: vllm.load_weights(weights) or 0, args.repeats)
@@ -135,6 +142,21 @@ def bandwidth_floor(model, prompts, new_tokens: int, device: str) -> float:
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; per decode step {weight_bytes / 2**20:.0f} MiB of weights "
           f"+ {cache_bytes / 2**20:.0f} MiB of KV cache")
     return len(prompts) * bandwidth / (weight_bytes + cache_bytes)
+
+
+def compute_floor(model, prompts, new_tokens: int, device: str) -> float:
+    """Tokens/s if every matrix product of a batch (the prompts once, then new_tokens steps for every prompt)
+    ran at the rate of a large square matrix product measured here, in the model's dtype, and nothing else
+    took time. Attention's own products are left out (under 2% of the work at these lengths)."""
+    head = model.get_output_embeddings()
+    body = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
+    generated = len(prompts) * new_tokens
+    flops = 2 * body * (sum(map(len, prompts)) + generated) + 2 * head.weight.numel() * generated
+    square = torch.randn(2048, 2048, dtype=model.dtype, device=device)
+    seconds, _ = timed(lambda: (square @ square, 0)[1], 5)
+    rate = 2 * 2048**3 / seconds
+    print(f"matrix products at {rate / 1e9:.0f} GFLOP/s ({model.dtype}, 2048 x 2048); {flops / 1e9:.0f} GFLOP per batch")
+    return generated * rate / flops
 
 
 def main():
@@ -186,8 +208,8 @@ def main():
         seed=next(seed)).num_tokens, args.repeats)
     if args.device == "cpu" and tokenizer is not None:  # vLLM loads from a folder with a tokenizer
         results["vLLM engine"] = vllm_results(model, tokenizer, prompts, args, seed)
-    if args.device == "cuda":
-        floor = bandwidth_floor(model, prompts, args.new_tokens, args.device)
+    floor = bandwidth_floor(model, prompts, args.new_tokens, args.device)
+    compute = compute_floor(model, prompts, args.new_tokens, args.device)
 
     baseline = results["plain model.generate"]
     print("\n| engine | s per batch | tokens per batch | tokens/s | vs plain generate |")
@@ -195,8 +217,8 @@ def main():
     for name, (seconds, tokens) in results.items():
         rate = tokens / seconds
         print(f"| {name} | {seconds:.2f} | {tokens:.0f} | {rate:.1f} | {rate / (baseline[1] / baseline[0]):.2f}x |")
-    if args.device == "cuda":
-        print(f"| memory-bandwidth floor | | | {floor:.0f} | {floor / (baseline[1] / baseline[0]):.0f}x |")
+    print(f"| memory-bandwidth floor | | | {floor:.0f} | {floor / (baseline[1] / baseline[0]):.1f}x |")
+    print(f"| compute floor | | | {compute:.0f} | {compute / (baseline[1] / baseline[0]):.1f}x |")
 
 
 if __name__ == "__main__":  # vLLM spawns processes: the guard is required

@@ -97,6 +97,27 @@ def test_top_p_filter_hand_example():
     assert filtered[0, 1].item() == pytest.approx(math.log(0.5))  # kept logits unchanged
 
 
+@pytest.mark.parametrize("spread, top_p_range, nucleus_sizes",
+                         [(8.0, (0.5, 0.95), (1, 256)), (2.0, (0.35, 0.6), (257, 4096)), (0.5, (0.5, 0.95), (4097, 49152))])
+def test_top_p_filter_keeps_what_transformers_top_p_warper_keeps(spread, top_p_range, nucleus_sizes):
+    """Against transformers' own TopPLogitsWarper (a whole-vocabulary sort) on 16 rows of 49152 logits, each
+    row with its own top_p: the spreads put every nucleus among the top 256, between 256 and 4096, or beyond,
+    so each size the filter tries is the one that decides. In float64: in float32 the two sum a nucleus of
+    ~30,000 probabilities in opposite orders and can then disagree on the one token at its edge."""
+    from transformers import TopPLogitsWarper
+
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(16, 49152, generator=generator) * spread).double()
+    top_p = torch.linspace(*top_p_range, 16, dtype=torch.float64).unsqueeze(1)
+    kept = torch.isfinite(top_p_filter(logits, top_p))
+    for row in range(16):
+        expected = torch.isfinite(TopPLogitsWarper(top_p[row].item())(None, logits[row:row + 1]))[0]
+        assert torch.equal(kept[row], expected), row
+    sizes = kept.sum(dim=-1)
+    assert nucleus_sizes[0] <= sizes.min() and sizes.max() <= nucleus_sizes[1], sizes.tolist()
+    assert torch.equal(kept[:1], torch.isfinite(top_p_filter(logits[:1], top_p[0].item())))  # a float top_p too
+
+
 def test_chunking_matches_one_batch_for_greedy(model):
     whole = sample(model, n=2, temperature=0.0, max_new_tokens=12, eos_token_id=32)
     chunked = sample(model, n=2, temperature=0.0, max_new_tokens=12, eos_token_id=32, batch_size=3)  # 3 + 3 + 2 rows

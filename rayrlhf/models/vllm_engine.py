@@ -49,6 +49,9 @@ class VLLMEngine:
                  in_process: bool = False, compiled: bool = False):
         # In-process mode runs the engine core in this process: no process to pin a core or to ship weights to.
         self.in_process = in_process
+        # On CPU, top-p by rayrlhf's filter (rayrlhf/models/vllm_nucleus.py) instead of vLLM's whole-vocabulary
+        # sort; on GPU vLLM's own top-p kernels are kept.
+        self.top_p_by_rayrlhf = device == "cpu"
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
         if device == "cpu":
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(KV_CACHE_GIB_ON_CPU))
@@ -63,6 +66,7 @@ class VLLMEngine:
             max_model_len=max_model_len,
             worker_extension_cls=f"{__name__}.WeightReceiver",
             logprobs_mode="raw_logprobs",  # log π of the model itself, as the trainer computes it
+            logits_processors=["rayrlhf.models.vllm_nucleus:NucleusFilter"] if self.top_p_by_rayrlhf else None,
         )
 
     def generate(self, prompts: List[List[int]], *, n: int, temperature: float, top_p: float, max_new_tokens: int,
@@ -71,9 +75,12 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        from rayrlhf.models.vllm_nucleus import TOP_P_KEY
+
+        top_p_options = dict(top_p=1.0, extra_args={TOP_P_KEY: top_p}) if self.top_p_by_rayrlhf else dict(top_p=top_p)
         parameters = [
-            SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=seed + index,
-                           logprobs=0, stop_token_ids=[eos_token_id], detokenize=False)
+            SamplingParams(n=n, temperature=temperature, max_tokens=max_new_tokens, seed=seed + index, logprobs=0,
+                           stop_token_ids=[eos_token_id], detokenize=False, **top_p_options)
             for index in range(len(prompts))
         ]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], parameters, use_tqdm=False)

@@ -1,0 +1,47 @@
+"""Top-p for vLLM through rayrlhf's `top_p_filter`, as a vLLM logits processor.
+
+vLLM's own top-p sorts every row's whole vocabulary every step. On CPU that sort was 35% of vLLM's decoding
+time for SmolLM2-135M (benchmarks/results/rollout.md). So `VLLMEngine` asks vLLM for top_p=1.0, which skips
+its sort, and passes the real top-p here in the request's extra_args. vLLM calls this processor after
+temperature scaling and before sampling, as it would its own top-p: the same nucleus, found by a top-k of a
+few hundred tokens where that covers it (rayrlhf/models/sampling.py).
+
+Loaded by vLLM by name ("rayrlhf.models.vllm_nucleus:NucleusFilter"); imports vLLM, unlike vllm_engine.py.
+"""
+from typing import Dict, Optional
+
+import torch
+from vllm import SamplingParams
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
+from vllm.v1.sample.logits_processor.builtin import process_dict_updates
+
+from rayrlhf.models.sampling import top_p_filter
+
+TOP_P_KEY = "rayrlhf_top_p"  # the request's top-p, in SamplingParams.extra_args
+
+
+class NucleusFilter(LogitsProcessor):
+    """Masks every token outside the nucleus of each request that has a top-p below 1 in its extra_args."""
+
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
+        self.top_p_by_row: Dict[int, float] = {}  # row of vLLM's persistent batch -> its request's top-p
+
+    def is_argmax_invariant(self) -> bool:
+        return True  # the most likely token is always in the nucleus, so greedy rows need no call
+
+    def update_state(self, batch_update: Optional[BatchUpdate]) -> None:
+        process_dict_updates(self.top_p_by_row, batch_update, lambda params, _prompt, _output: requested_top_p(params))
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.top_p_by_row:
+            return logits
+        rows = torch.tensor(list(self.top_p_by_row), device=logits.device)
+        top_p = torch.tensor(list(self.top_p_by_row.values()), dtype=logits.dtype, device=logits.device)
+        logits[rows] = top_p_filter(logits[rows], top_p.unsqueeze(1))
+        return logits
+
+
+def requested_top_p(params: SamplingParams) -> Optional[float]:
+    """The request's top-p from its extra_args, or None when it asks for none (or for 1: nothing to mask)."""
+    top_p = (params.extra_args or {}).get(TOP_P_KEY)
+    return top_p if top_p is not None and top_p < 1.0 else None
