@@ -1,6 +1,6 @@
 """Top-p for vLLM through rayrlhf's `top_p_filter`, as a vLLM logits processor.
 
-vLLM's own top-p sorts every row's whole vocabulary every step. On CPU that sort was 35% of vLLM's decoding
+On CPU, vLLM's own top-p sorts every row's whole vocabulary every step: 35% of vLLM's decoding
 time for SmolLM2-135M (benchmarks/results/rollout.md). So `VLLMEngine` asks vLLM for top_p=1.0, which skips
 its sort, and passes the real top-p here in the request's extra_args. vLLM calls this processor after
 temperature scaling and before sampling, as it would its own top-p: the same nucleus, found by a top-k of a
