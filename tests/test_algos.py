@@ -9,6 +9,8 @@ from torch.distributions import Normal
 
 from rayrlhf.algos.kl import AdaptiveKLController, FixedKLController, gaussian_kl, kl_estimate
 from rayrlhf.algos.metarm import (
+    ascent_kept,
+    ascent_sizes,
     ascent_step,
     backprop_through_ascent,
     first_order_meta_gradient,
@@ -182,6 +184,20 @@ def test_ascent_step_is_theta_plus_eta_hand_grad_J():
     assert_close(stepped["w"], t64(list(expected)))
     # the trajectory helper takes the same step with the autograd gradient of J
     assert_close(inner_trajectory(params(), J, ETA, 1)[1]["w"], t64(list(expected)))
+
+
+def test_ascent_kept_by_hand_in_bfloat16_and_float32():
+    """bfloat16 has 8 significant bits, so its values next to 1.0 are 2^-7 apart and a step below 2^-8 rounds
+    away: θ = (1, 1) with η∇J = (2^-6, 2^-9) lands on (1 + 2^-6, 1). Kept: sqrt(2^-12 / (2^-12 + 2^-18))
+    = sqrt(64 / 65). In float32 both steps land whole."""
+    step = torch.tensor([2.0**-6, 2.0**-9])
+    for dtype, expected in ((torch.bfloat16, math.sqrt(64 / 65)), (torch.float32, 1.0)):
+        before = torch.ones(2, dtype=dtype)
+        after = (before.float() + step).to(dtype)
+        applied, intended = ascent_sizes(before, after, step).tolist()
+        assert intended == pytest.approx(2.0**-12 + 2.0**-18, rel=1e-6)
+        assert ascent_kept(applied, intended) == pytest.approx(expected, rel=1e-6)
+    assert ascent_kept(0.0, 0.0) == 1.0  # no ascent meant, none missed
 
 
 def test_first_order_meta_gradient_is_grad_L_at_adapted_theta():

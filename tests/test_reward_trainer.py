@@ -1,4 +1,5 @@
 """The DeepSpeed reward trainer against an independent functional implementation, across ZeRO stages and ranks."""
+import logging
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ from torch.func import functional_call
 from rayrlhf.algos.metarm import first_order_meta_gradient, second_order_meta_gradient
 from rayrlhf.algos.reward_losses import bradley_terry_loss, difference_loss
 from rayrlhf.training.distributed import free_port
-from rayrlhf.training.reward_trainer import RewardModule
+from rayrlhf.training.reward_trainer import RewardModelTrainer, RewardModule
 
 from conftest import ROOT, child_env
 from helpers import tiny_rm
@@ -92,6 +93,24 @@ def test_vanilla_step_changes_parameters_and_lowers_loss(distributed):
     losses = [trainer.vanilla_step(preference)["loss"] for _ in range(15)]
     assert losses[-1] < losses[0]
     assert any(not torch.equal(before[n], p) for n, p in trainer.full_parameters().items())
+
+
+@pytest.mark.parametrize("order", ["first", "second"])
+def test_an_ascent_rounded_away_in_bfloat16_is_measured_and_warned_about(distributed, caplog, order):
+    """At the paper's η = 5e-6 a bfloat16 reward model keeps under half of θ + η∇J (see ascent_kept); a
+    float32 one keeps it whole. The warning comes once, not every step."""
+    _, tokenizer = tiny_rm.task_and_tokenizer()
+    preference, meta = tiny_rm.global_batches()[0]
+    kept = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        trainer = RewardModelTrainer(tiny_rm.tiny_reward_model(tokenizer).to(dtype), alpha=tiny_rm.ALPHA, eta=5e-6,
+                                     inner_steps=2, order=order, micro_batch_size=tiny_rm.PAIRS_PER_STEP, zero_stage=0)
+        with caplog.at_level(logging.WARNING, logger="rayrlhf.training.reward_trainer"):
+            kept[dtype] = [trainer.metarm_step(preference, meta)["ascent_kept"] for _ in range(2)]
+    assert all(abs(value - 1) < 1e-3 for value in kept[torch.float32]), kept
+    assert all(value < 0.5 for value in kept[torch.bfloat16]), kept
+    warnings = [record.message for record in caplog.records if "rounds away" in record.message]
+    assert len(warnings) == 1 and "torch.bfloat16" in warnings[0] and "reward.eta=5e-06" in warnings[0]
 
 
 def run_ranks(tmp_path, ranks: int, zero_stage: int):

@@ -8,6 +8,7 @@ The MetaRM step follows the authors' recipe (DESIGN.md): back up θ, ascend J on
 the tensors the forward pass reads: the whole parameters at ZeRO 0-2, each rank's partition (`ds_tensor`)
 at ZeRO-3. The optimizer's fp32 master copy is never touched until the step, so θ' lives only for one pass.
 """
+import logging
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional
 
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from rayrlhf.algos.metarm import ascent_step, backprop_through_ascent
+from rayrlhf.algos.metarm import ascent_kept, ascent_sizes, ascent_step, backprop_through_ascent
 from rayrlhf.algos.reward_losses import bradley_terry_loss, difference_loss, preference_accuracy
 from rayrlhf.algos.rewards import reward_difference_statistics
 from rayrlhf.data.batches import PreferenceBatch, ResponseGroupBatch, collate_groups
@@ -23,6 +24,8 @@ from rayrlhf.data.reward_data import RewardData, TokenisedPair, preference_batch
 from rayrlhf.models.build import save_model
 from rayrlhf.models.heads import reward_scores
 from rayrlhf.training.distributed import average_across_ranks
+
+logger = logging.getLogger(__name__)
 
 
 class RewardModule(nn.Module):
@@ -74,6 +77,7 @@ class RewardModelTrainer:
         from rayrlhf.training.safe_checkpoints import use_safetensors_checkpoints
 
         self.eta, self.inner_steps, self.order, self.zero_stage = eta, inner_steps, order, zero_stage
+        self.warned_about_rounding = False
         if order == "second" and zero_stage == 3:
             raise ValueError("the second-order MetaRM update needs whole parameters; ZeRO-3 partitions them")
         if order == "second":
@@ -120,13 +124,17 @@ class RewardModelTrainer:
         live = self._live_tensors()
         backup = [tensor.detach().clone() for tensor in live]
         difference_before = None
+        sizes = torch.zeros(2, device=self.device)  # ‖applied‖², ‖intended‖² of the ascent
         for _ in range(self.inner_steps):
             difference = self._difference_loss(meta_batch)
             difference_before = difference.item() if difference_before is None else difference_before
             self.engine.backward(difference)
             with torch.no_grad():
                 for tensor, gradient in zip(live, self._reduced_gradients()):
-                    tensor.add_(self.eta * gradient.view_as(tensor).to(tensor.dtype))  # ascent: θ + η∇J
+                    step = self.eta * gradient.view_as(tensor).float()
+                    start = tensor.to(torch.float32, copy=True)
+                    tensor.copy_(start + step)  # ascent: θ + η∇J, rounded once to θ's dtype
+                    sizes += ascent_sizes(start, tensor, step)
             self.engine.optimizer.zero_grad()
         loss, accuracy = self._preference_loss(batch)  # L at θ'
         self.engine.backward(loss)
@@ -134,7 +142,20 @@ class RewardModelTrainer:
             for tensor, saved in zip(live, backup):
                 tensor.copy_(saved)  # back to θ; the gradient taken at θ' stays
         self.engine.step()
-        return {"loss": loss.item(), "accuracy": accuracy.item(), "difference_loss": difference_before}
+        return {"loss": loss.item(), "accuracy": accuracy.item(), "difference_loss": difference_before,
+                "ascent_kept": self._ascent_kept(sizes)}
+
+    def _ascent_kept(self, sizes: torch.Tensor) -> float:
+        """`ascent_kept` over all ranks (ZeRO-3 ranks each hold a share), warned about once when under half."""
+        average_across_ranks([sizes])
+        kept = ascent_kept(*sizes.tolist())
+        if kept < 0.5 and not self.warned_about_rounding:
+            self.warned_about_rounding = True
+            dtype = self._live_tensors()[0].dtype
+            logger.warning(f"MetaRM's ascent θ + η∇J kept only {kept:.2f} of its size: at reward.eta={self.eta} "
+                           f"most of it rounds away in {dtype} parameters, which makes the step a vanilla one. "
+                           "Raise reward.eta or train the reward model in float32 (reward_model.dtype)")
+        return kept
 
     def _parameters(self) -> List[nn.Parameter]:
         return [p for p in self.engine.module.parameters() if p.requires_grad]
@@ -186,10 +207,13 @@ class RewardModelTrainer:
 
         trajectory = [theta]
         difference_before = None
+        sizes = torch.zeros(2, device=self.device)
         for _ in range(self.inner_steps):
             gradient, difference = averaged_gradient(difference_at, trajectory[-1])
             difference_before = difference if difference_before is None else difference_before
             trajectory.append({name: t.detach() for name, t in ascent_step(trajectory[-1], gradient, self.eta).items()})
+            for name in names:
+                sizes += ascent_sizes(trajectory[-2][name], trajectory[-1][name], self.eta * gradient[name].float())
         outer, loss = averaged_gradient(preference_at, trajectory[-1])
         meta_gradient = backprop_through_ascent(
             outer, trajectory, lambda params, vector: averaged_gradient(difference_at, params, vector)[0], self.eta
@@ -201,7 +225,8 @@ class RewardModelTrainer:
         with torch.no_grad():
             rewards = functional_call(module, trajectory[-1], (ids, mask))
             accuracy = preference_accuracy(rewards[: batch.num_pairs], rewards[batch.num_pairs :])
-        return {"loss": loss, "accuracy": accuracy.item(), "difference_loss": difference_before}
+        return {"loss": loss, "accuracy": accuracy.item(), "difference_loss": difference_before,
+                "ascent_kept": self._ascent_kept(sizes)}
 
     # ---- evaluation and saving ----------------------------------------------------------------
     @torch.no_grad()
