@@ -133,6 +133,9 @@ class RewardTrainingConfig(Schema):
     eta: float = Field(5e-6, gt=0)
     inner_steps: int = Field(1, ge=1)
     order: Literal["first", "second"] = "first"
+    ascent_rounding: Literal["stochastic", "nearest"] = "stochastic"
+    """How θ + η∇J is rounded into bfloat16 parameters (float32 ones are exact): `nearest` loses an ascent
+    below half a bfloat16 unit, most of it at the paper's η; `stochastic` keeps it in expectation."""
     batch_size: int = Field(16, gt=0)
     """Global preference pairs per step (split over ranks)."""
     meta_batch_size: int = Field(4, gt=0)

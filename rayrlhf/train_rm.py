@@ -49,6 +49,8 @@ def build_trainer(config: RunConfig, tokenizer, world_size: int) -> RewardModelT
         adam_eps=reward.adam_eps,
         max_grad_norm=reward.max_grad_norm,
         device=config.resources.device,
+        ascent_rounding=reward.ascent_rounding,
+        seed=config.seed,
     )
 
 

@@ -12,6 +12,7 @@ from rayrlhf.algos.metarm import (
     ascent_kept,
     ascent_sizes,
     ascent_step,
+    round_to_dtype,
     backprop_through_ascent,
     first_order_meta_gradient,
     inner_trajectory,
@@ -187,17 +188,33 @@ def test_ascent_step_is_theta_plus_eta_hand_grad_J():
 
 
 def test_ascent_kept_by_hand_in_bfloat16_and_float32():
-    """bfloat16 has 8 significant bits, so its values next to 1.0 are 2^-7 apart and a step below 2^-8 rounds
-    away: θ = (1, 1) with η∇J = (2^-6, 2^-9) lands on (1 + 2^-6, 1). Kept: sqrt(2^-12 / (2^-12 + 2^-18))
-    = sqrt(64 / 65). In float32 both steps land whole."""
+    """bfloat16 has 8 significant bits, so its values next to 1.0 are 2^-7 apart and, rounded to nearest, a
+    step below 2^-8 vanishes: θ = (1, 1) with η∇J = (2^-6, 2^-9) lands on (1 + 2^-6, 1). Kept:
+    2^-12 / (2^-12 + 2^-18) = 64 / 65. In float32 both steps land whole."""
     step = torch.tensor([2.0**-6, 2.0**-9])
-    for dtype, expected in ((torch.bfloat16, math.sqrt(64 / 65)), (torch.float32, 1.0)):
+    for dtype, expected in ((torch.bfloat16, 64 / 65), (torch.float32, 1.0)):
         before = torch.ones(2, dtype=dtype)
-        after = (before.float() + step).to(dtype)
-        applied, intended = ascent_sizes(before, after, step).tolist()
-        assert intended == pytest.approx(2.0**-12 + 2.0**-18, rel=1e-6)
-        assert ascent_kept(applied, intended) == pytest.approx(expected, rel=1e-6)
+        after = round_to_dtype(before.float() + step, dtype, stochastic=False)
+        moved_along_step, step_squared = ascent_sizes(before, after, step).tolist()
+        assert step_squared == pytest.approx(2.0**-12 + 2.0**-18, rel=1e-6)
+        assert ascent_kept(moved_along_step, step_squared) == pytest.approx(expected, rel=1e-6)
     assert ascent_kept(0.0, 0.0) == 1.0  # no ascent meant, none missed
+
+
+def test_stochastic_rounding_to_bfloat16_is_right_in_expectation():
+    """1 + 2^-9 lies a quarter of the way from 1 to the next bfloat16, 1 + 2^-7: it must round up a quarter of
+    the time, so that the mean is 1 + 2^-9 (nearest rounding gives 1 every time); the same for its negative.
+    200,000 draws: the share rounded up has a standard deviation of about 0.001."""
+    generator = torch.Generator().manual_seed(0)
+    for sign in (1.0, -1.0):
+        values = torch.full((200_000,), sign * (1 + 2.0**-9))
+        rounded = round_to_dtype(values, torch.bfloat16, stochastic=True, generator=generator)
+        assert rounded.dtype == torch.bfloat16
+        assert set(rounded.float().unique().tolist()) == {sign * 1.0, sign * (1 + 2.0**-7)}
+        assert (rounded.float().abs() > 1).float().mean().item() == pytest.approx(0.25, abs=0.005)
+        assert round_to_dtype(values, torch.bfloat16, stochastic=False).float().unique().tolist() == [sign * 1.0]
+    exact = torch.tensor([1.5, -0.25, 3.0])  # already bfloat16 values: never moved
+    assert torch.equal(round_to_dtype(exact, torch.bfloat16, True, generator).float(), exact)
 
 
 def test_first_order_meta_gradient_is_grad_L_at_adapted_theta():

@@ -43,7 +43,7 @@ class RewardLearner(RankActor):
             model, alpha=reward.alpha, eta=reward.eta, inner_steps=reward.inner_steps, order=reward.order,
             micro_batch_size=reward.batch_size // self.world_size, zero_stage=reward.zero_stage,
             weight_decay=reward.weight_decay, adam_eps=reward.adam_eps, max_grad_norm=reward.max_grad_norm,
-            device=config.resources.device,
+            device=config.resources.device, ascent_rounding=reward.ascent_rounding, seed=config.seed,
         )
 
     def data_sizes(self) -> Dict[str, int]:

@@ -11,7 +11,7 @@ Functions here take `params: dict[str, Tensor]` and objectives `params -> scalar
 on a two-parameter model by hand. The DeepSpeed trainer (rayrlhf/training/reward_trainer.py) runs the same update
 on an engine; tests check the two agree.
 """
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch.func import grad
@@ -26,21 +26,40 @@ def ascent_step(params: Params, gradients: Params, eta: float) -> Params:
     return {name: value + eta * gradients[name] for name, value in params.items()}
 
 
+def round_to_dtype(values: torch.Tensor, dtype: torch.dtype, stochastic: bool,
+                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """float32 `values` (any shape) in `dtype`: to nearest (torch's cast), or, for bfloat16 with `stochastic`,
+    up or down to one of the two neighbouring bfloat16 values with the probabilities that make the expected
+    result exactly `values`.
+
+    A bfloat16 is the top 16 bits of a float32. Adding a uniform random integer in [0, 2^16) to the low 16 bits
+    and then dropping them rounds the magnitude up with probability (dropped bits) / 2^16. Rounded to nearest,
+    a MetaRM ascent below half a bfloat16 unit vanishes (see ascent_kept); rounded stochastically, it
+    survives in expectation."""
+    if dtype != torch.bfloat16 or not stochastic:
+        return values.to(dtype)
+    bits = values.to(torch.float32).contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device, generator=generator)
+    return ((bits + noise) & -(1 << 16)).view(torch.float32).to(torch.bfloat16)  # exact: low bits are zero
+
+
 def ascent_sizes(before: torch.Tensor, after: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """[‖after − before‖², ‖step‖²] in float32 for one tensor of one ascent step (any shape): how far it moved,
-    and how far η ∇J meant to move it. Summed over tensors and steps, they are `ascent_kept`'s arguments."""
-    moved = after.float() - before.float()
-    return torch.stack([moved.square().sum(), step.float().square().sum()])
+    """[⟨after − before, step⟩, ‖step‖²] in float32 for one tensor of one ascent step (any shape): how far it
+    moved along η ∇J, and how far η ∇J meant to move it. Summed over tensors and steps, they are
+    `ascent_kept`'s arguments."""
+    moved, step = after.float() - before.float(), step.float()
+    return torch.stack([(moved * step).sum(), step.square().sum()])
 
 
-def ascent_kept(applied_squared: float, intended_squared: float) -> float:
-    """How much of the ascent the parameters kept: ‖θ' − θ‖ / ‖η ∇J‖, from the two squared norms summed over
-    every tensor and inner step (1 when nothing was intended).
+def ascent_kept(moved_along_step: float, step_squared: float) -> float:
+    """The share of the ascent the parameters kept: ⟨θ' − θ, η ∇J⟩ / ‖η ∇J‖², from the two sums over every
+    tensor and inner step (1 when nothing was intended).
 
-    It falls below 1 when θ is stored in a narrow dtype. bfloat16 keeps 8 significant bits, so an η ∇J
-    smaller than half a unit in the last place of θ rounds away: at the paper's η = 5e-6 most of the step
-    does, and the MetaRM step quietly becomes a vanilla one."""
-    return (applied_squared / intended_squared) ** 0.5 if intended_squared > 0 else 1.0
+    It falls below 1 when θ is stored in a narrow dtype and rounded to nearest. bfloat16 keeps 8 significant
+    bits, so an η ∇J smaller than half a unit in the last place of θ rounds away: at the paper's η = 5e-6
+    most of the step does, and the MetaRM step quietly becomes a vanilla one. Stochastic rounding
+    (round_to_dtype) keeps it at 1 in expectation."""
+    return moved_along_step / step_squared if step_squared > 0 else 1.0
 
 
 def inner_trajectory(params: Params, difference_objective: Objective, eta: float, inner_steps: int) -> List[Params]:

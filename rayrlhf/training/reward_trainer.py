@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from rayrlhf.algos.metarm import ascent_kept, ascent_sizes, ascent_step, backprop_through_ascent
+from rayrlhf.algos.metarm import ascent_kept, ascent_sizes, ascent_step, backprop_through_ascent, round_to_dtype
 from rayrlhf.algos.reward_losses import bradley_terry_loss, difference_loss, preference_accuracy
 from rayrlhf.algos.rewards import reward_difference_statistics
 from rayrlhf.data.batches import PreferenceBatch, ResponseGroupBatch, collate_groups
@@ -71,12 +71,15 @@ class RewardModelTrainer:
         adam_eps: float = 1e-8,
         max_grad_norm: float = 0.0,
         device: str = "cpu",
+        ascent_rounding: str = "stochastic",
+        seed: int = 0,
     ):
         import deepspeed
 
         from rayrlhf.training.safe_checkpoints import use_safetensors_checkpoints
 
         self.eta, self.inner_steps, self.order, self.zero_stage = eta, inner_steps, order, zero_stage
+        self.stochastic_rounding, self.seed = ascent_rounding == "stochastic", seed
         self.warned_about_rounding = False
         if order == "second" and zero_stage == 3:
             raise ValueError("the second-order MetaRM update needs whole parameters; ZeRO-3 partitions them")
@@ -124,7 +127,8 @@ class RewardModelTrainer:
         live = self._live_tensors()
         backup = [tensor.detach().clone() for tensor in live]
         difference_before = None
-        sizes = torch.zeros(2, device=self.device)  # ‖applied‖², ‖intended‖² of the ascent
+        sizes = torch.zeros(2, device=self.device)  # ascent_kept's two sums
+        generator = self._rounding_generator()
         for _ in range(self.inner_steps):
             difference = self._difference_loss(meta_batch)
             difference_before = difference.item() if difference_before is None else difference_before
@@ -133,7 +137,8 @@ class RewardModelTrainer:
                 for tensor, gradient in zip(live, self._reduced_gradients()):
                     step = self.eta * gradient.view_as(tensor).float()
                     start = tensor.to(torch.float32, copy=True)
-                    tensor.copy_(start + step)  # ascent: θ + η∇J, rounded once to θ's dtype
+                    # ascent: θ + η∇J in float32, rounded once to θ's dtype
+                    tensor.copy_(round_to_dtype(start + step, tensor.dtype, self.stochastic_rounding, generator))
                     sizes += ascent_sizes(start, tensor, step)
             self.engine.optimizer.zero_grad()
         loss, accuracy = self._preference_loss(batch)  # L at θ'
@@ -145,16 +150,25 @@ class RewardModelTrainer:
         return {"loss": loss.item(), "accuracy": accuracy.item(), "difference_loss": difference_before,
                 "ascent_kept": self._ascent_kept(sizes)}
 
+    def _rounding_generator(self) -> torch.Generator:
+        """Noise for stochastic rounding, seeded by the run's seed and the step: every rank draws the same (at
+        ZeRO 0-2 each holds the whole θ, which must stay identical), and a resumed run the same as before."""
+        return torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + self.engine.global_steps)
+
     def _ascent_kept(self, sizes: torch.Tensor) -> float:
-        """`ascent_kept` over all ranks (ZeRO-3 ranks each hold a share), warned about once when under half."""
+        """`ascent_kept` over all ranks (ZeRO-3 ranks each hold a share), warned about once when under half with
+        rounding to nearest (stochastic rounding keeps it in expectation; on a small model one step's value
+        is noisy)."""
         average_across_ranks([sizes])
         kept = ascent_kept(*sizes.tolist())
-        if kept < 0.5 and not self.warned_about_rounding:
+        dtype = self._live_tensors()[0].dtype
+        rounded_to_nearest = not (self.stochastic_rounding and dtype == torch.bfloat16)
+        if kept < 0.5 and rounded_to_nearest and not self.warned_about_rounding:
             self.warned_about_rounding = True
-            dtype = self._live_tensors()[0].dtype
             logger.warning(f"MetaRM's ascent θ + η∇J kept only {kept:.2f} of its size: at reward.eta={self.eta} "
                            f"most of it rounds away in {dtype} parameters, which makes the step a vanilla one. "
-                           "Raise reward.eta or train the reward model in float32 (reward_model.dtype)")
+                           "Use reward.ascent_rounding=stochastic, raise reward.eta, or train the reward model in "
+                           "float32 (reward_model.dtype)")
         return kept
 
     def _parameters(self) -> List[nn.Parameter]:
@@ -208,10 +222,14 @@ class RewardModelTrainer:
         trajectory = [theta]
         difference_before = None
         sizes = torch.zeros(2, device=self.device)
+        generator = self._rounding_generator()
         for _ in range(self.inner_steps):
             gradient, difference = averaged_gradient(difference_at, trajectory[-1])
             difference_before = difference if difference_before is None else difference_before
-            trajectory.append({name: t.detach() for name, t in ascent_step(trajectory[-1], gradient, self.eta).items()})
+            ascended = ascent_step({name: t.float() for name, t in trajectory[-1].items()},
+                                   {name: g.float() for name, g in gradient.items()}, self.eta)
+            trajectory.append({name: round_to_dtype(ascended[name].detach(), trajectory[-1][name].dtype,
+                                                    self.stochastic_rounding, generator) for name in names})
             for name in names:
                 sizes += ascent_sizes(trajectory[-2][name], trajectory[-1][name], self.eta * gradient[name].float())
         outer, loss = averaged_gradient(preference_at, trajectory[-1])
