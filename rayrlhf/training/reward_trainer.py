@@ -7,6 +7,8 @@ The MetaRM step follows the authors' recipe (DESIGN.md): back up θ, ascend J on
 (`inner_steps` times), back-propagate L at θ', restore θ, optimizer step. The backup and the ascent act on
 the tensors the forward pass reads: the whole parameters at ZeRO 0-2, each rank's partition (`ds_tensor`)
 at ZeRO-3. The optimizer's fp32 master copy is never touched until the step, so θ' lives only for one pass.
+θ + η∇J is computed in float32 and rounded once into θ's dtype: stochastically for bfloat16 by default, since
+rounded to nearest most of an ascent at the paper's η vanishes (round_to_dtype, ascent_kept).
 """
 import logging
 from pathlib import Path
