@@ -22,9 +22,9 @@ from rayrlhf.config import RunConfig, save_config
 from rayrlhf.data.reward_data import RewardData, group_batches, prepare_reward_data, task_tokenizer
 from rayrlhf.errors import ConfigError
 from rayrlhf.metrics import MetricsLogger
-from rayrlhf.models.build import build_reward_model, load_tokenizer
+from rayrlhf.models.build import load_tokenizer
 from rayrlhf.training.distributed import init_distributed, exit_distributed_process
-from rayrlhf.training.reward_trainer import RewardModelTrainer, evaluate_reward_data, train_steps
+from rayrlhf.training.reward_trainer import build_reward_trainer, evaluate_reward_data, train_steps
 
 log = logging.getLogger("rayrlhf.train_rm")
 
@@ -32,26 +32,6 @@ log = logging.getLogger("rayrlhf.train_rm")
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def build_trainer(config: RunConfig, tokenizer, world_size: int) -> RewardModelTrainer:
-    reward = config.reward
-    model = build_reward_model(config.reward_model, tokenizer, seed=config.seed)
-    return RewardModelTrainer(
-        model,
-        alpha=reward.alpha,
-        eta=reward.eta,
-        inner_steps=reward.inner_steps,
-        order=reward.order,
-        micro_batch_size=reward.batch_size // world_size,
-        zero_stage=reward.zero_stage,
-        weight_decay=reward.weight_decay,
-        adam_eps=reward.adam_eps,
-        max_grad_norm=reward.max_grad_norm,
-        device=config.resources.device,
-        ascent_rounding=reward.ascent_rounding,
-        seed=config.seed,
-    )
 
 
 def train_reward_model(config: RunConfig, rank: int = 0, world_size: int = 1) -> Dict[str, float]:
@@ -66,7 +46,7 @@ def train_reward_model(config: RunConfig, rank: int = 0, world_size: int = 1) ->
     metarm = config.reward.method == "metarm"
     data = prepare_reward_data(config.data, tokenizer, config.reward.samples_per_prompt, metarm, config.seed)
     init_distributed(config.resources.device, rank, world_size)
-    trainer = build_trainer(config, tokenizer, world_size)
+    trainer = build_reward_trainer(config, tokenizer, world_size)
     run_dir = Path(config.run_dir)
     is_writer = rank == 0
     if is_writer:

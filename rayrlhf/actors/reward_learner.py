@@ -14,9 +14,9 @@ from rayrlhf.checkpoints import read_files, write_files
 from rayrlhf.config import RunConfig
 from rayrlhf.data.batches import collate_groups, encode_prompt_response, pad_right
 from rayrlhf.data.reward_data import group_batches, prepare_reward_data, task_tokenizer
-from rayrlhf.models.build import build_reward_model, load_tokenizer
+from rayrlhf.models.build import load_tokenizer
 from rayrlhf.training.distributed import init_distributed, teardown_distributed
-from rayrlhf.training.reward_trainer import RewardModelTrainer, evaluate_reward_data, train_steps
+from rayrlhf.training.reward_trainer import RewardModelTrainer, build_reward_trainer, evaluate_reward_data, train_steps
 
 from rayrlhf.actors.placement import RankActor, prepare_actor_process
 
@@ -36,15 +36,8 @@ class RewardLearner(RankActor):
 
     def join_process_group(self, master_addr: str, master_port: int) -> None:
         """Form the group with the other ranks, then build the engine (DeepSpeed needs the group)."""
-        config, reward = self.config, self.config.reward
-        init_distributed(config.resources.device, self.rank, self.world_size, master_port, master_addr)
-        model = build_reward_model(config.reward_model, self.tokenizer, seed=config.seed)
-        self.trainer = RewardModelTrainer(
-            model, alpha=reward.alpha, eta=reward.eta, inner_steps=reward.inner_steps, order=reward.order,
-            micro_batch_size=reward.batch_size // self.world_size, zero_stage=reward.zero_stage,
-            weight_decay=reward.weight_decay, adam_eps=reward.adam_eps, max_grad_norm=reward.max_grad_norm,
-            device=config.resources.device, ascent_rounding=reward.ascent_rounding, seed=config.seed,
-        )
+        init_distributed(self.config.resources.device, self.rank, self.world_size, master_port, master_addr)
+        self.trainer = build_reward_trainer(self.config, self.tokenizer, self.world_size)
 
     def data_sizes(self) -> Dict[str, int]:
         return {"train_pairs": len(self.data.train), "eval_pairs": len(self.data.evaluation),

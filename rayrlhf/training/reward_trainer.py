@@ -21,9 +21,10 @@ from torch.func import functional_call
 from rayrlhf.algos.metarm import ascent_kept, ascent_sizes, ascent_step, backprop_through_ascent, round_to_dtype
 from rayrlhf.algos.reward_losses import bradley_terry_loss, difference_loss, preference_accuracy
 from rayrlhf.algos.rewards import reward_difference_statistics
+from rayrlhf.config import RunConfig
 from rayrlhf.data.batches import PreferenceBatch, ResponseGroupBatch, collate_groups
 from rayrlhf.data.reward_data import RewardData, TokenisedPair, preference_batches
-from rayrlhf.models.build import save_model
+from rayrlhf.models.build import build_reward_model, save_model
 from rayrlhf.models.heads import reward_scores
 from rayrlhf.training.distributed import average_across_ranks
 
@@ -287,6 +288,27 @@ class RewardModelTrainer:
         with deepspeed.zero.GatheredParameters(parameters, enabled=self.zero_stage == 3):
             if not dist.is_initialized() or dist.get_rank() == 0:
                 save_model(self.engine.module.model, tokenizer, Path(folder))
+
+
+def build_reward_trainer(config: RunConfig, tokenizer, world_size: int) -> RewardModelTrainer:
+    """The reward model of `config.reward_model` on its engine, set up by `config.reward` for this rank's share
+    of each global batch (the process group must exist: DeepSpeed needs it)."""
+    reward = config.reward
+    return RewardModelTrainer(
+        build_reward_model(config.reward_model, tokenizer, seed=config.seed),
+        alpha=reward.alpha,
+        eta=reward.eta,
+        inner_steps=reward.inner_steps,
+        order=reward.order,
+        micro_batch_size=reward.batch_size // world_size,
+        zero_stage=reward.zero_stage,
+        weight_decay=reward.weight_decay,
+        adam_eps=reward.adam_eps,
+        max_grad_norm=reward.max_grad_norm,
+        device=config.resources.device,
+        ascent_rounding=reward.ascent_rounding,
+        seed=config.seed,
+    )
 
 
 def train_steps(
