@@ -24,20 +24,29 @@ class NucleusFilter(LogitsProcessor):
     """Masks every token outside the nucleus of each request that has a top-p below 1 in its extra_args."""
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
+        self.device = device
         self.top_p_by_row: Dict[int, float] = {}  # row of vLLM's persistent batch -> its request's top-p
+        self.rows, self.top_p = self._as_tensors()
 
     def is_argmax_invariant(self) -> bool:
         return True  # the most likely token is always in the nucleus, so greedy rows need no call
 
     def update_state(self, batch_update: Optional[BatchUpdate]) -> None:
-        process_dict_updates(self.top_p_by_row, batch_update, lambda params, _prompt, _output: requested_top_p(params))
+        changed = process_dict_updates(self.top_p_by_row, batch_update,
+                                       lambda params, _prompt, _output: requested_top_p(params))
+        if changed:  # the tensors follow the batch's make-up, not every decoding step
+            self.rows, self.top_p = self._as_tensors()
+
+    def _as_tensors(self):
+        """(R,) rows and (R, 1) top-p values of the requests with a nucleus to keep."""
+        rows = torch.tensor(list(self.top_p_by_row), dtype=torch.long, device=self.device)
+        top_p = torch.tensor(list(self.top_p_by_row.values()), dtype=torch.float32, device=self.device)
+        return rows, top_p.unsqueeze(1)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.top_p_by_row:
             return logits
-        rows = torch.tensor(list(self.top_p_by_row), device=logits.device)
-        top_p = torch.tensor(list(self.top_p_by_row.values()), dtype=logits.dtype, device=logits.device)
-        logits[rows] = top_p_filter(logits[rows], top_p.unsqueeze(1))
+        logits[self.rows] = top_p_filter(logits[self.rows], self.top_p)
         return logits
 
 

@@ -82,14 +82,16 @@ class RewardModelTrainer:
         from rayrlhf.training.safe_checkpoints import use_safetensors_checkpoints
 
         self.eta, self.inner_steps, self.order, self.zero_stage = eta, inner_steps, order, zero_stage
-        self.stochastic_rounding, self.seed = ascent_rounding == "stochastic", seed
-        self.warned_about_rounding = False
+        self.seed, self.warned_about_rounding = seed, False
         if order == "second" and zero_stage == 3:
             raise ValueError("the second-order MetaRM update needs whole parameters; ZeRO-3 partitions them")
         if order == "second":
             # Hessian-vector products differentiate the backward pass; fused SDPA kernels have no double backward.
             model.set_attn_implementation("eager")
-        bf16 = next(model.parameters()).dtype == torch.bfloat16
+        self.parameter_dtype = next(model.parameters()).dtype
+        bf16 = self.parameter_dtype == torch.bfloat16
+        # round_to_dtype rounds stochastically only into bfloat16; float32 ascents are exact either way.
+        self.stochastic_rounding = ascent_rounding == "stochastic" and bf16
         module = RewardModule(model).to(device)
         # A torch optimizer: no JIT build of DeepSpeed's Adam ops (see STACK.md, gpu/README.md).
         optimizer = torch.optim.AdamW(module.parameters(), lr=alpha, weight_decay=weight_decay, eps=adam_eps)
@@ -164,12 +166,10 @@ class RewardModelTrainer:
         is noisy)."""
         average_across_ranks([sizes])
         kept = ascent_kept(*sizes.tolist())
-        dtype = self._live_tensors()[0].dtype
-        rounded_to_nearest = not (self.stochastic_rounding and dtype == torch.bfloat16)
-        if kept < 0.5 and rounded_to_nearest and not self.warned_about_rounding:
+        if kept < 0.5 and not self.stochastic_rounding and not self.warned_about_rounding:
             self.warned_about_rounding = True
             logger.warning(f"MetaRM's ascent θ + η∇J kept only {kept:.2f} of its size: at reward.eta={self.eta} "
-                           f"most of it rounds away in {dtype} parameters, which makes the step a vanilla one. "
+                           f"most of it rounds away in {self.parameter_dtype} parameters, which makes the step a vanilla one. "
                            "Use reward.ascent_rounding=stochastic, raise reward.eta, or train the reward model in "
                            "float32 (reward_model.dtype)")
         return kept
