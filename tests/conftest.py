@@ -4,16 +4,26 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
-GPT2_TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "gpt2"
+DATA = ROOT / "data"
+SHARED = ROOT.parent / "shared"
+GPT2_TOKENIZER = SHARED / "tokenizers" / "gpt2"
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "rayrlhf" / "torch_extensions"))
 
 
+def data_file(*parts: str) -> Path:
+    """A file in the repository's data/ folder (data/README.md). It ships with the project, so a missing one
+    fails the test rather than skipping it."""
+    path = DATA.joinpath(*parts)
+    assert path.is_file(), f"{path} is missing: the real preference data ships in the repository's data/ folder"
+    return path
+
+
 def shared_file(*parts: str) -> Path:
-    """A file under ../shared, or a clean skip when the folder is absent (e.g. outside this workplace)."""
-    path = SHARED_DATA.parent.joinpath(*parts)
+    """A file under ../shared (the tokenizers), or a clean skip when the folder is absent (e.g. outside this
+    workplace)."""
+    path = SHARED.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"{path} is absent: the real data/tokenizers live in ../shared beside the project")
+        pytest.skip(f"{path} is absent: the real tokenizers live in ../shared beside the project")
     return path
 
 

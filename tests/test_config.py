@@ -7,7 +7,7 @@ import pytest
 from rayrlhf.config import load_config, save_config
 from rayrlhf.errors import ConfigError
 
-from conftest import ROOT, child_env
+from conftest import DATA, ROOT, child_env
 
 
 def error_for(*overrides: str) -> str:
@@ -50,6 +50,16 @@ def test_samples_per_prompt_below_two():
 
 def test_missing_model_path():
     assert "./no/such/model" in error_for("reward_model.source=./no/such/model")
+
+
+@pytest.mark.parametrize("name", ["tldr.yaml", "hh.yaml", "rm_tldr.yaml"])
+def test_real_data_configs_read_the_data_the_repository_ships(name, monkeypatch):
+    monkeypatch.chdir(ROOT)  # relative paths are taken from the current directory: the project root
+    data = load_config(f"conf/{name}").data
+    sources = [s for s in (data.preference, data.meta, data.meta_prompts, data.target_eval) if s is not None]
+    assert len(sources) >= 2
+    for source in sources:
+        assert (ROOT / source.path).resolve().is_relative_to(DATA) and (ROOT / source.path).is_file()
 
 
 def test_missing_data_file():

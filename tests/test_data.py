@@ -1,6 +1,8 @@
 """Data sources, the prompt-id split, tokenisation and collation, checked against the raw files and by hand."""
 import gzip
+import hashlib
 import json
+import re
 
 import pytest
 
@@ -11,7 +13,7 @@ from rayrlhf.data.sources import (is_eval_prompt, load_preference_pairs, load_sa
 from rayrlhf.data.synthetic import SyntheticPreferenceTask
 from rayrlhf.errors import DataError
 
-from conftest import shared_file
+from conftest import DATA, data_file
 
 SYNTHETIC = SyntheticTask()
 
@@ -30,8 +32,16 @@ def load(fmt, path, **keys):
     return load_preference_pairs(DataSource(format=fmt, path=path, **keys), SYNTHETIC, seed=0)
 
 
+def test_shipped_data_matches_the_checksums_its_readme_gives():
+    listed = dict(re.findall(r"^\| `([^`]+)` \|.*\| `([0-9a-f]{64})` \|$", (DATA / "README.md").read_text(), re.M))
+    shipped = {str(p.relative_to(DATA)) for p in DATA.rglob("*") if p.is_file() and p.name != "README.md"}
+    assert set(listed) == shipped and len(shipped) == 4
+    for name, digest in listed.items():
+        assert hashlib.sha256((DATA / name).read_bytes()).hexdigest() == digest, name
+
+
 def test_tldr_real_file_preferred_is_summaries_choice():
-    path = shared_file("data", "tldr", "comparisons_batch13.jsonl")
+    path = data_file("tldr", "comparisons_batch13.jsonl")
     loaded = load("tldr", str(path))
     raw = [json.loads(line) for line in open(path)]
     assert len(loaded.pairs) == len(raw) == 1097
@@ -43,7 +53,7 @@ def test_tldr_real_file_preferred_is_summaries_choice():
 
 
 def test_tldr_split_by_post_id_never_shares_a_post():
-    loaded = load("tldr", str(shared_file("data", "tldr", "comparisons_batch13.jsonl")))
+    loaded = load("tldr", str(data_file("tldr", "comparisons_batch13.jsonl")))
     train, held_out = split_by_prompt(loaded.pairs, 0.15, seed=0)
     assert not set(train["prompt_id"]) & set(held_out["prompt_id"])
     assert len(train) + len(held_out) == 1097 and 0.08 < len(held_out) / 1097 < 0.25
@@ -52,7 +62,7 @@ def test_tldr_split_by_post_id_never_shares_a_post():
 
 
 def test_hh_real_file_prompt_ends_with_assistant_turn():
-    path = shared_file("data", "hh", "helpful-base-test.jsonl.gz")
+    path = data_file("hh", "helpful-base-test.jsonl.gz")
     loaded = load("hh", str(path))
     first = json.loads(gzip.open(path, "rt").readline())
     cut = first["chosen"].rfind("\n\nAssistant:") + len("\n\nAssistant:")
@@ -110,7 +120,7 @@ def test_parquet_source(tmp_path):
 
 
 def test_response_groups_from_cnndm_have_k_distinct_responses():
-    pairs = load("tldr", str(shared_file("data", "tldr", "comparisons_cnndm0.jsonl"))).pairs
+    pairs = load("tldr", str(data_file("tldr", "comparisons_cnndm0.jsonl"))).pairs
     groups = response_groups(pairs, samples_per_prompt=4)
     assert len(groups) == 45 and all(len(set(g)) == 4 for g in groups["responses"])
     with pytest.raises(DataError, match="no prompt has 5 distinct responses"):

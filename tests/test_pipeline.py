@@ -18,7 +18,7 @@ from rayrlhf.config import DataSource, SyntheticTask
 from rayrlhf.data.sources import load_preference_pairs
 from rayrlhf.faults import FAULT_VARIABLE
 
-from conftest import GPT2_TOKENIZER, ROOT, SHARED_DATA, child_env, shared_file
+from conftest import GPT2_TOKENIZER, ROOT, child_env, data_file, shared_file
 from helpers.fault_table import record
 
 pytestmark = pytest.mark.slow
@@ -271,7 +271,8 @@ def test_a_finished_run_dir_is_not_overwritten(default_run):
 
 
 def test_tldr_config_with_a_tiny_policy_writes_a_complete_run_dir(tmp_path):
-    shared_file("data", "tldr", "comparisons_batch13.jsonl")
+    data_file("tldr", "comparisons_batch13.jsonl")
+    shared_file("tokenizers", "gpt2")
     run_dir = tmp_path / "tldr"
     result = run_main(
         "conf/tldr.yaml", f"run_dir={run_dir}", "rounds=1",
@@ -290,7 +291,8 @@ def test_tldr_config_with_a_tiny_policy_writes_a_complete_run_dir(tmp_path):
 
 
 def test_hh_config_samples_meta_data_on_the_harmless_domain_and_resets_the_rm_each_round(tmp_path):
-    shared_file("data", "hh", "helpful-base-test.jsonl.gz")
+    data_file("hh", "helpful-base-test.jsonl.gz")
+    shared_file("tokenizers", "gpt2")
     run_dir = tmp_path / "hh"
     run_main(
         "conf/hh.yaml", f"run_dir={run_dir}", "rounds=2", "reward.reset_each_round=true",
@@ -303,7 +305,7 @@ def test_hh_config_samples_meta_data_on_the_harmless_domain_and_resets_the_rm_ea
     summaries = records(run_dir, "round")
     assert [s["round"] for s in summaries] == [1, 2]
     assert all(s["target_pairs"] == 40 and s["rm_steps"] == 2 for s in summaries)
-    harmless = load_preference_pairs(DataSource(format="hh", path=str(SHARED_DATA / "hh" / "harmless-base-test.jsonl.gz"), max_records=50),
+    harmless = load_preference_pairs(DataSource(format="hh", path=str(data_file("hh", "harmless-base-test.jsonl.gz")), max_records=50),
                                      SyntheticTask(), 0).pairs["prompt"]
     for round_index in (1, 2):
         lines = (run_dir / "samples" / f"round_{round_index:04d}_meta.jsonl").read_text().splitlines()

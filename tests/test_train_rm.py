@@ -9,7 +9,7 @@ from transformers import AutoModelForSequenceClassification
 
 from rayrlhf.data.sources import is_eval_prompt
 
-from conftest import ROOT, child_env, shared_file
+from conftest import ROOT, child_env, data_file, shared_file
 
 pytestmark = pytest.mark.slow
 
@@ -40,12 +40,12 @@ def test_embedded_default_learns_and_writes_a_run_dir(tmp_path):
 
 
 def test_tldr_comparisons_report_held_out_accuracy_on_a_post_split(tmp_path):
-    comparisons = shared_file("data", "tldr", "comparisons_batch13.jsonl")
-    shared_file("data", "tldr", "comparisons_cnndm0.jsonl")
+    comparisons = data_file("tldr", "comparisons_batch13.jsonl")
+    data_file("tldr", "comparisons_cnndm0.jsonl")
+    tokenizer = shared_file("tokenizers", "gpt2")
     run_dir = tmp_path / "tldr"
     result = train_rm(
-        "conf/rm_tldr.yaml", f"run_dir={run_dir}", "reward_model.source=tiny",
-        f"reward_model.tokenizer={comparisons.parents[2] / 'tokenizers' / 'gpt2'}",
+        "conf/rm_tldr.yaml", f"run_dir={run_dir}", "reward_model.source=tiny", f"reward_model.tokenizer={tokenizer}",
         "data.max_prompt_tokens=48", "data.max_response_tokens=24", "reward.max_steps=6", "reward.alpha=1e-3",
     )
     evals, steps = final_eval(run_dir)

@@ -50,14 +50,14 @@ def run_tune(path: Path, *overrides: str, expect: int = 0) -> subprocess.Complet
     ({"search": {"algorithm": "optuna"}}, "optuna cannot search grid keys"),
 ])
 def test_a_bad_sweep_is_refused_naming_the_culprit(tmp_path, changes, message):
-    shared_file("data", "tldr", "comparisons_cnndm0.jsonl")
+    shared_file("tokenizers", "gpt2")  # conf/sweep_metarm.yaml's tokenizer; its data ships in data/
     with pytest.raises(ConfigError) as error:
         load_sweep(str(sweep_file(tmp_path, **changes)))
     assert message in str(error.value)
 
 
 def test_a_bad_sweep_exits_2_before_ray_starts(tmp_path):
-    shared_file("data", "tldr", "comparisons_cnndm0.jsonl")
+    shared_file("tokenizers", "gpt2")  # conf/sweep_metarm.yaml's tokenizer; its data ships in data/
     storage = tmp_path / "sweeps"
     result = run_tune(sweep_file(tmp_path), f"storage_path={storage}", "metric=reward_mean", expect=2)
     assert result.stderr.startswith("error: metric 'reward_mean' is never reported") and "Traceback" not in result.stderr
@@ -71,7 +71,7 @@ def read_trials(folder: Path):
 
 @pytest.mark.slow
 def test_a_tldr_sweep_stops_poor_trials_early_and_writes_a_best_config_that_runs(tmp_path):
-    shared_file("data", "tldr", "comparisons_batch13.jsonl")
+    shared_file("tokenizers", "gpt2")  # conf/sweep_metarm.yaml's tokenizer; its data ships in data/
     # Built so ASHA must stop trials: alpha 1e-9 barely moves the RM, so its training loss stays near log 2,
     # while alpha 1e-3 lowers it. With one trial at a time the first (alpha 1e-3, listed first) sets the bar
     # at the first rung; each 1e-9 trial arrives below it and is stopped after epoch 1.
@@ -119,7 +119,7 @@ def finished_trials(folder: Path, epochs: int):
 
 @pytest.mark.slow
 def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path):
-    shared_file("data", "tldr", "comparisons_batch13.jsonl")
+    shared_file("tokenizers", "gpt2")  # conf/sweep_metarm.yaml's tokenizer; its data ships in data/
     path = sweep_file(tmp_path, space={"reward.eta": {"grid": [1e-3, 1e-2, 1e-1]}},
                       search={"algorithm": "grid"}, scheduler={"name": "fifo"}, max_concurrent=1)
     storage = tmp_path / "sweeps"
@@ -167,7 +167,7 @@ def test_a_loop_sweep_with_optuna_reports_every_round_of_whole_runs(tmp_path):
 
 @pytest.mark.slow
 def test_concurrent_trials_each_run_their_own_group_of_ranks(tmp_path):
-    shared_file("data", "tldr", "comparisons_batch13.jsonl")
+    shared_file("tokenizers", "gpt2")  # conf/sweep_metarm.yaml's tokenizer; its data ships in data/
     path = sweep_file(tmp_path, space={"reward.eta": {"grid": [1e-3, 1e-2]}}, search={"algorithm": "grid"},
                       scheduler={"name": "fifo"}, max_concurrent=2)
     storage = tmp_path / "sweeps"
