@@ -138,8 +138,14 @@ class RewardTrainingConfig(Schema):
     below half a bfloat16 unit, most of it at the paper's η; `stochastic` keeps it in expectation."""
     batch_size: int = Field(16, gt=0)
     """Global preference pairs per step (split over ranks)."""
+    micro_batch_size: Optional[int] = Field(None, gt=0)
+    """Preference pairs (2 sequences each) per forward pass on one rank; gradients accumulate over a rank's
+    share of batch_size, so the update does not depend on it. Unset: the whole share in one pass."""
     meta_batch_size: int = Field(4, gt=0)
     """Global meta prompts per step, each with samples_per_prompt responses."""
+    meta_micro_batch_size: Optional[int] = Field(None, gt=0)
+    """Meta prompts (samples_per_prompt sequences each) per forward pass on one rank; MetaRM's ascent takes
+    the gradient of J accumulated over a rank's share of meta_batch_size. Unset: the whole share in one pass."""
     samples_per_prompt: int = Field(5, ge=2)
     """k responses per prompt in the meta batch; J needs pairs, so k >= 2."""
     meta_source: Literal["policy", "data"] = "policy"
@@ -160,6 +166,7 @@ class RewardTrainingConfig(Schema):
     """0 turns gradient clipping off."""
     zero_stage: Literal[0, 1, 2, 3] = 0
     eval_batch_size: int = Field(32, gt=0)
+    """Sequences per forward pass when the RM evaluates (pairs: half of it) or scores rollouts (no gradients)."""
 
 
 class PPOConfig(Schema):
@@ -181,6 +188,12 @@ class PPOConfig(Schema):
     mini_batches: int = Field(1, gt=0)
     rollout_batch_size: int = Field(16, gt=0)
     """Prompts per PPO step (each answered rollout.n_per_prompt times)."""
+    micro_batch_size: Optional[int] = Field(None, gt=0)
+    """Sequences per forward and backward pass of the PPO and SFT updates on one rank; gradients accumulate
+    over the rank's share of a mini-batch, so the update does not depend on it. Unset: the share in one pass."""
+    forward_micro_batch_size: Optional[int] = Field(None, gt=0)
+    """Sequences per no-gradient forward pass (old and reference log-probs, values) on one rank. Unset:
+    micro_batch_size."""
     steps_per_round: int = Field(4, gt=0)
     zero_stage: Literal[0, 1, 2] = 0
     max_grad_norm: float = Field(1.0, ge=0)

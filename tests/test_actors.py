@@ -94,15 +94,18 @@ def test_two_reward_learner_ranks_make_the_one_rank_metarm_update(tmp_path):
     task = SyntheticPreferenceTask(SyntheticTask(num_prompts=400), seed=0)
     groups = [(g["prompt"], g["responses"]) for g in task.drifted_response_groups(3).select(range(8))]
     weights = {}
-    for ranks in (1, 2):
+    # 2 ranks also with micro-batches: each rank's 4 pairs as 3 + 1, its 2 meta prompts one at a time
+    for ranks, micro in ((1, "null"), (2, "null"), (2, 3)):
         config = tiny_config(tmp_path, "reward.batch_size=8", "reward.meta_batch_size=4", "reward.samples_per_prompt=3",
                              "reward.max_steps=3", "reward.adam_eps=1e-3", "reward.eta=0.05",
+                             f"reward.micro_batch_size={micro}", f"reward.meta_micro_batch_size={1 if micro != 'null' else 'null'}",
                              f"resources.reward_learner_ranks={ranks}", "resources.cpus_per_actor=0.5")
-        weights[ranks] = trained_reward_model(config, ranks, groups)
+        weights[ranks, micro] = trained_reward_model(config, ranks, groups)
     initial = trained_reward_model(tiny_config(tmp_path, "reward.max_steps=1", "reward.alpha=1e-12", "resources.cpus_per_actor=0.5"), 1, groups)
-    for name, one_rank in weights[1].items():
-        torch.testing.assert_close(weights[2][name], one_rank, atol=2e-5, rtol=0)
-    assert max((weights[1][n] - initial[n]).abs().max().item() for n in initial) > 1e-3  # the steps moved the RM
+    for name, one_rank in weights[1, "null"].items():
+        torch.testing.assert_close(weights[2, "null"][name], one_rank, atol=2e-5, rtol=0)
+        torch.testing.assert_close(weights[2, 3][name], one_rank, atol=2e-5, rtol=0)
+    assert max((weights[1, "null"][n] - initial[n]).abs().max().item() for n in initial) > 1e-3  # the steps moved the RM
 
 
 def ppo_update(config, ranks: int, rollout, scores):
@@ -127,13 +130,16 @@ def test_two_ppo_ranks_make_the_one_rank_update(tmp_path):
                       [[0.0] * n for n in lengths], group_size=2)
     scores = [0.5, -0.3, 0.9, 0.1, -0.7, 0.4, 0.2, -0.1]
     results = {}
-    for ranks in (1, 2):
+    # 2 ranks also with micro-batches: each rank's 4 rows 3 + 1 in the update, one at a time in the no-grad passes
+    for ranks, micro, forward in ((1, "null", "null"), (2, "null", "null"), (2, 3, 1)):
         config = tiny_config(tmp_path, "ppo.rollout_batch_size=4", "rollout.n_per_prompt=2", "ppo.mini_batches=1", "ppo.epochs=2",
-                             "ppo.policy_lr=1e-3", "ppo.critic_lr=1e-3", f"resources.ppo_ranks={ranks}", "resources.cpus_per_actor=0.5")
-        results[ranks] = ppo_update(config, ranks, rollout, scores)
-    (initial, one), (_, two) = results[1], results[2]
+                             "ppo.policy_lr=1e-3", "ppo.critic_lr=1e-3", f"ppo.micro_batch_size={micro}",
+                             f"ppo.forward_micro_batch_size={forward}", f"resources.ppo_ranks={ranks}", "resources.cpus_per_actor=0.5")
+        results[ranks, micro] = ppo_update(config, ranks, rollout, scores)
+    (initial, one), (_, two), (_, two_micro) = results[1, "null"], results[2, "null"], results[2, 3]
     for name in one:
         torch.testing.assert_close(two[name], one[name], atol=2e-5, rtol=0)
+        torch.testing.assert_close(two_micro[name], one[name], atol=2e-5, rtol=0)
     assert max((one[n] - initial[n]).abs().max().item() for n in one) > 1e-3  # the step moved the policy
 
 

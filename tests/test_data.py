@@ -7,7 +7,9 @@ import re
 import pytest
 
 from rayrlhf.config import DataSource, SyntheticTask
-from rayrlhf.data.batches import collate_groups, collate_pairs, encode_prompt_response, rank_shard
+from rayrlhf.data.batches import (collate_groups, collate_pair_list, collate_pairs, encode_prompt_response,
+                                  group_micro_batches, micro_batch_slices, pair_micro_batches, rank_shard)
+from rayrlhf.data.rollouts import collate_sequences
 from rayrlhf.data.sources import (is_eval_prompt, load_preference_pairs, load_saved_rollouts, response_groups, split_by_prompt,
                                    split_hh_transcript)
 from rayrlhf.data.synthetic import SyntheticPreferenceTask
@@ -192,3 +194,25 @@ def test_saved_rollouts_feed_the_reward_model_meta_data_only(tmp_path):
     assert len(prepared.meta) == 6 and all(len(group) == 4 for group in prepared.meta)
     with pytest.raises(ValueError, match="data.preference cannot have format 'rollouts'"):
         DataConfig(preference=DataSource(format="rollouts", path=str(path)))
+
+
+def test_micro_batches_keep_pairs_and_groups_whole_and_drop_only_padding():
+    # pairs: chosen rows first; 3 pairs in micro-batches of 2 -> pairs (0, 1) and (2,)
+    batch = collate_pair_list([([1, 2, 3], [4]), ([5], [6, 7]), ([8], [9])], pad_id=0)
+    first, second = pair_micro_batches(batch, 2)
+    assert first.input_ids.tolist() == [[1, 2, 3], [5, 0, 0], [4, 0, 0], [6, 7, 0]]
+    assert second.input_ids.tolist() == [[8], [9]] and second.attention_mask.tolist() == [[1], [1]]
+    assert [part.num_pairs for part in pair_micro_batches(batch, None)] == [3]
+    # groups of k = 2, one prompt per micro-batch
+    groups = collate_groups([[[1], [2, 3]], [[4], [5]]], pad_id=0)
+    parts = group_micro_batches(groups, 1)
+    assert [part.input_ids.tolist() for part in parts] == [[[1, 0], [2, 3]], [[4], [5]]]
+    assert all(part.group_size == 2 and part.num_prompts == 1 for part in parts)
+    assert micro_batch_slices(5, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+
+
+def test_a_sequence_micro_batch_keeps_every_response_position():
+    batch = collate_sequences([[5, 6], [5]], [[7, 8, 9], [7]], pad_id=0)
+    short = batch.part(slice(1, 2))
+    assert short.input_ids.tolist() == [[5, 7]] and short.response_positions.max() < short.input_ids.shape[1]
+    assert short.response_tokens.shape == batch.response_tokens[1:].shape

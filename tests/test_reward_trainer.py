@@ -10,7 +10,9 @@ from torch.func import functional_call
 from rayrlhf.algos.metarm import first_order_meta_gradient, second_order_meta_gradient
 from rayrlhf.algos.reward_losses import bradley_terry_loss, difference_loss
 from rayrlhf.training.distributed import free_port
-from rayrlhf.training.reward_trainer import RewardModelTrainer, RewardModule
+from rayrlhf.config import DataConfig, SyntheticTask
+from rayrlhf.data.reward_data import prepare_reward_data
+from rayrlhf.training.reward_trainer import RewardModelTrainer, RewardModule, evaluate_reward_data, evaluation_batch_count
 
 from conftest import ROOT, child_env
 from helpers import tiny_rm
@@ -41,15 +43,15 @@ def reference_parameters(order: str):
     return {name: p.detach().clone() for name, p in module.named_parameters()}
 
 
-def engine_parameters(zero_stage: int, order: str = "first"):
-    trainer = tiny_rm.make_trainer(zero_stage, order)
+def engine_parameters(zero_stage: int, order: str = "first", micro_batch_size=None, meta_micro_batch_size=None):
+    trainer = tiny_rm.make_trainer(zero_stage, order, micro_batch_size, meta_micro_batch_size)
     for preference, meta in tiny_rm.global_batches():
         metrics = trainer.metarm_step(preference, meta)
         assert metrics["loss"] > 0 and 0 < metrics["difference_loss"] < 1
     return trainer.full_parameters()
 
 
-def assert_close(actual, expected, atol=2e-6):
+def assert_close(actual, expected, atol=1e-5):
     assert actual.keys() == expected.keys()
     worst = max((actual[name] - expected[name]).abs().max().item() for name in expected)
     assert worst < atol, f"largest parameter difference {worst:.3g} >= {atol}"
@@ -86,6 +88,47 @@ def test_second_order_engine_equals_torch_func(distributed):
     assert max((expected[n] - first[n]).abs().max().item() for n in first) > 1e-4  # the orders really differ
 
 
+@pytest.mark.parametrize(("zero_stage", "order"), [(0, "first"), (2, "first"), (3, "first"), (0, "second")])
+def test_metarm_in_micro_batches_equals_the_whole_batch_step(distributed, reference_first_order, zero_stage, order):
+    """Pairs in micro-batches of 1 and 3 (4 = 3 + 1: unequal parts), meta prompts one at a time: the ascent
+    takes ∇J accumulated over the meta micro-batches, L at θ' over the pair micro-batches. The η·∇J of an
+    unweighted sum would be twice as large and move the parameters elsewhere."""
+    expected = reference_first_order if order == "first" else reference_parameters("second")
+    for micro in (1, 3):
+        assert_close(engine_parameters(zero_stage, order, micro_batch_size=micro, meta_micro_batch_size=1), expected)
+
+
+def test_vanilla_gradient_accumulated_over_micro_batches_is_the_whole_batch_gradient(distributed):
+    preference, _ = tiny_rm.global_batches()[0]
+    results = {}
+    for micro in (None, 1, 3):
+        trainer = tiny_rm.make_trainer(0, micro_batch_size=micro)
+        trainer.engine.train()
+        values = trainer._preference_backward(preference)
+        results[micro] = values, torch.cat([g.flatten() for g in trainer._reduced_gradients()])
+    (whole_values, whole_gradient) = results[None]
+    assert whole_gradient.abs().max() > 1e-3
+    for micro in (1, 3):
+        values, gradient = results[micro]
+        torch.testing.assert_close(gradient, whole_gradient, atol=1e-6, rtol=1e-5)
+        assert values == pytest.approx(whole_values, abs=1e-6)
+
+
+def test_evaluation_in_micro_batches_equals_one_pass(distributed):
+    """Held-out, target and meta-group evaluation at 3 sequences per pass (1 pair, 1 group of 3) against all
+    at once; every pass is counted for the progress bar."""
+    _, tokenizer = tiny_rm.task_and_tokenizer()
+    data = prepare_reward_data(DataConfig(synthetic=SyntheticTask(num_prompts=40), max_prompt_tokens=32,
+                                          max_response_tokens=16), tokenizer, tiny_rm.K, True, seed=0)
+    trainer = tiny_rm.make_trainer(0)
+    passes = []
+    small = evaluate_reward_data(trainer, data, 3, tokenizer.pad_token_id, on_batch=lambda: passes.append(1))
+    whole = evaluate_reward_data(trainer, data, 10_000, tokenizer.pad_token_id)
+    assert len(passes) == evaluation_batch_count(data, 3) == len(data.evaluation) + len(data.target) + len(data.meta)
+    assert small.keys() == whole.keys() and {"eval_accuracy", "target_accuracy", "reward_difference_variance"} <= small.keys()
+    assert small == pytest.approx(whole, rel=1e-5, abs=1e-6)
+
+
 def test_vanilla_step_changes_parameters_and_lowers_loss(distributed):
     trainer = tiny_rm.make_trainer(0)
     before = trainer.full_parameters()
@@ -119,10 +162,10 @@ def test_bfloat16_ascents_rounded_to_nearest_vanish_and_stochastically_survive(d
     assert len(warnings[torch.bfloat16, "nearest"]) == 1 and "torch.bfloat16" in warnings[torch.bfloat16, "nearest"][0]
 
 
-def run_ranks(tmp_path, ranks: int, zero_stage: int):
-    out = tmp_path / f"params_{ranks}_{zero_stage}.pt"
+def run_ranks(tmp_path, ranks: int, zero_stage: int, *micro_batch_sizes: int):
+    out = tmp_path / f"params_{ranks}_{zero_stage}_{len(micro_batch_sizes)}.pt"
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", f"--master_port={free_port()}",
-               str(ROOT / "tests" / "helpers" / "tiny_rm.py"), str(out), str(zero_stage), "first"]
+               str(ROOT / "tests" / "helpers" / "tiny_rm.py"), str(out), str(zero_stage), "first", *map(str, micro_batch_sizes)]
     result = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(out)
@@ -133,3 +176,5 @@ def test_two_gloo_ranks_equal_one_rank_at_the_same_global_batch(tmp_path, refere
     one, two = run_ranks(tmp_path, 1, zero_stage), run_ranks(tmp_path, 2, zero_stage)
     assert_close(two, one, atol=1e-5)
     assert_close(one, reference_first_order)
+    # each rank's 2 pairs one at a time, its 1 meta prompt whole
+    assert_close(run_ranks(tmp_path, 2, zero_stage, 1, 1), one, atol=1e-5)

@@ -6,7 +6,7 @@ Text crosses the actor boundary, not token ids: the RM may tokenize differently 
 """
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -16,7 +16,8 @@ from rayrlhf.data.batches import collate_groups, encode_prompt_response, pad_rig
 from rayrlhf.data.reward_data import group_batches, prepare_reward_data, task_tokenizer
 from rayrlhf.models.build import load_tokenizer
 from rayrlhf.training.distributed import init_distributed, teardown_distributed
-from rayrlhf.training.reward_trainer import RewardModelTrainer, build_reward_trainer, evaluate_reward_data, train_steps
+from rayrlhf.training.reward_trainer import (RewardModelTrainer, build_reward_trainer, evaluate_reward_data,
+                                             evaluation_batch_count, groups_per_pass, train_steps)
 
 from rayrlhf.actors.placement import RankActor, prepare_actor_process
 
@@ -60,19 +61,25 @@ class RewardLearner(RankActor):
 
     def _progress(self, description: str, epochs: int, max_steps: Optional[int]):
         """An on_step callback that moves a progress bar shown by the driver (rank 0 only)."""
-        if self.rank != 0:
+        steps = epochs * (len(self.data.train) // self.config.reward.batch_size)
+        bar = self._bar(description, min(steps, max_steps or steps))
+        return None if bar is None else lambda step, values: bar()
+
+    def _bar(self, description: str, total: int) -> Optional[Callable[[], None]]:
+        """A progress bar of `total` items shown by the driver (rank 0 only): returns the call that advances it
+        by one, closing it at the last."""
+        if self.rank != 0 or total <= 0:
             return None
         from ray.experimental.tqdm_ray import tqdm
 
-        steps = epochs * (len(self.data.train) // self.config.reward.batch_size)
-        bar = tqdm(desc=description, total=min(steps, max_steps or steps))
+        bar = tqdm(desc=description, total=total)
 
-        def on_step(step: int, values: Dict[str, float]) -> None:
+        def advance() -> None:
             bar.update(1)
-            if step == bar.total:
+            if bar.n >= total:
                 bar.close()
 
-        return on_step
+        return advance
 
     def train_round(self, round_index: int, meta_groups: Optional[MetaGroups]) -> Dict[str, float]:
         """This round's RM training: MetaRM with the given meta data (or the fixed data.meta), or vanilla."""
@@ -125,12 +132,16 @@ class RewardLearner(RankActor):
 
     def evaluate(self) -> Dict[str, float]:
         """Held-out and target accuracy on the whole evaluation sets (every rank computes the same)."""
-        return evaluate_reward_data(self.trainer, self.data, self.config.reward.eval_batch_size, self.pad_id)
+        size = self.config.reward.eval_batch_size
+        progress = self._bar("evaluating the RM", evaluation_batch_count(self.data, size))
+        return evaluate_reward_data(self.trainer, self.data, size, self.pad_id, progress)
 
     def group_scores(self, meta_groups: MetaGroups) -> List[List[float]]:
-        """(P, k) rewards of response groups."""
-        batch = collate_groups([[self._encode(p, r) for r in responses] for p, responses in meta_groups], self.pad_id)
-        return self.trainer.group_rewards([batch]).tolist()
+        """(P, k) rewards of response groups, eval_batch_size sequences per forward pass."""
+        groups = [[self._encode(p, r) for r in responses] for p, responses in meta_groups]
+        size = groups_per_pass(self.config.reward.eval_batch_size, groups)
+        batches = [collate_groups(groups[i : i + size], self.pad_id) for i in range(0, len(groups), size)]
+        return self.trainer.group_rewards(batches).tolist()
 
     # ---- weights and checkpoints -------------------------------------------------------------------
     def critic_weights(self) -> Dict[str, torch.Tensor]:

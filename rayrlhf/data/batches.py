@@ -1,6 +1,6 @@
 """Tokenisation with truncation that never cuts the response away, and padded batches for the RM."""
 from dataclasses import dataclass
-from typing import Iterable, List, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -60,6 +60,9 @@ class PreferenceBatch:
     def num_pairs(self) -> int:
         return self.input_ids.shape[0] // 2
 
+    def to(self, device) -> "PreferenceBatch":
+        return PreferenceBatch(self.input_ids.to(device), self.attention_mask.to(device))
+
 
 @dataclass
 class ResponseGroupBatch:
@@ -68,6 +71,13 @@ class ResponseGroupBatch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     group_size: int
+
+    @property
+    def num_prompts(self) -> int:
+        return self.input_ids.shape[0] // self.group_size
+
+    def to(self, device) -> "ResponseGroupBatch":
+        return ResponseGroupBatch(self.input_ids.to(device), self.attention_mask.to(device), self.group_size)
 
 
 def pad_right(sequences: Sequence[TokenIds], pad_id: int):
@@ -96,6 +106,39 @@ def collate_groups(groups: Sequence[Sequence[TokenIds]], pad_id: int) -> Respons
         raise ValueError(f"every prompt needs the same number of responses, got sizes {sorted(sizes)}")
     ids, mask = pad_right([sequence for group in groups for sequence in group], pad_id)
     return ResponseGroupBatch(ids, mask, sizes.pop())
+
+
+def micro_batch_slices(count: int, size: Optional[int]) -> List[slice]:
+    """Consecutive slices of at most `size` items covering range(count); size None: one slice of all."""
+    size = count if size is None else max(1, size)
+    return [slice(start, min(start + size, count)) for start in range(0, count, size)]
+
+
+def trim_right_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """Drop the columns past the longest row (right padding): a micro-batch of short rows computes on no
+    padding that only a longer row of its global batch needed. (N, T) -> (N, T' <= T), both."""
+    longest = int(attention_mask.sum(dim=1).max().item()) if attention_mask.numel() else 0
+    return input_ids[:, :longest], attention_mask[:, :longest]
+
+
+def pair_micro_batches(batch: PreferenceBatch, pairs_per_micro_batch: Optional[int]) -> List[PreferenceBatch]:
+    """The batch as micro-batches of at most that many pairs (chosen rows first, as in PreferenceBatch)."""
+    count = batch.num_pairs
+    parts = []
+    for part in micro_batch_slices(count, pairs_per_micro_batch):
+        rows = torch.cat([torch.arange(count)[part], torch.arange(count, 2 * count)[part]])
+        parts.append(PreferenceBatch(*trim_right_padding(batch.input_ids[rows], batch.attention_mask[rows])))
+    return parts
+
+
+def group_micro_batches(batch: ResponseGroupBatch, prompts_per_micro_batch: Optional[int]) -> List[ResponseGroupBatch]:
+    """The batch as micro-batches of at most that many prompts, each with all k of its responses."""
+    k = batch.group_size
+    parts = []
+    for part in micro_batch_slices(batch.num_prompts, prompts_per_micro_batch):
+        rows = slice(part.start * k, part.stop * k)
+        parts.append(ResponseGroupBatch(*trim_right_padding(batch.input_ids[rows], batch.attention_mask[rows]), k))
+    return parts
 
 
 def rank_shard(items: Sequence, rank: int, world_size: int) -> list:

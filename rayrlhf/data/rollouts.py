@@ -4,7 +4,7 @@ from typing import List, Sequence
 
 import torch
 
-from rayrlhf.data.batches import TokenIds
+from rayrlhf.data.batches import TokenIds, trim_right_padding
 
 
 @dataclass
@@ -58,6 +58,16 @@ class SequenceBatch:
     def select(self, rows: torch.Tensor) -> "SequenceBatch":
         return SequenceBatch(*(t[rows] for t in (self.input_ids, self.attention_mask, self.response_tokens,
                                                   self.response_positions, self.response_mask)))
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def part(self, rows: slice) -> "SequenceBatch":
+        """Rows `rows` as a micro-batch, without the padding columns that only longer rows needed (every
+        response position lies inside its own row's sequence, so none is cut)."""
+        input_ids, attention_mask = trim_right_padding(self.input_ids[rows], self.attention_mask[rows])
+        return SequenceBatch(input_ids, attention_mask, self.response_tokens[rows], self.response_positions[rows],
+                             self.response_mask[rows])
 
 
 def collate_sequences(prompt_ids: Sequence[TokenIds], response_ids: Sequence[TokenIds], pad_id: int) -> SequenceBatch:

@@ -3,7 +3,10 @@
 One instance per rank. Every rank gets its own equal share of a rollout; the engines average gradients
 over ranks, advantages are whitened with statistics summed over ranks, and each rank's token-mean loss is
 weighted by its share of the mini-batch's tokens (ranks' responses differ in length), so the update
-equals the one-rank update on the whole rollout. Per step (Ouyang et al. 2022; the MetaRM paper's settings):
+equals the one-rank update on the whole rollout. Each rank's share of a mini-batch runs in micro-batches of
+`micro_batch_size` rows, each token-mean loss weighted by its share of the tokens, so the accumulated gradient
+is the whole share's (rayrlhf/training/engines.py); the no-grad passes run `forward_micro_batch_size` rows at
+a time. Per step (Ouyang et al. 2022; the MetaRM paper's settings):
 
     old log π, log π_ref, V                    one no-grad pass over the rollout
     r_t = -β KL_t (+ clip(r(x, y)) on the last token)     rayrlhf/algos/rewards.py
@@ -12,7 +15,7 @@ equals the one-rank update on the whole rollout. Per step (Ouyang et al. 2022; t
 """
 import copy
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -31,11 +34,11 @@ from rayrlhf.algos.ppo import (
 )
 from rayrlhf.algos.rewards import clip_rewards, token_level_rewards
 from rayrlhf.config import PPOConfig
-from rayrlhf.data.batches import TokenIds
+from rayrlhf.data.batches import TokenIds, micro_batch_slices
 from rayrlhf.data.rollouts import Rollout, SequenceBatch, collate_sequences
 from rayrlhf.models.heads import token_values
 from rayrlhf.training.distributed import average_across_ranks
-from rayrlhf.training.reward_trainer import deepspeed_config
+from rayrlhf.training.engines import accumulate_gradients, deepspeed_config
 
 
 def build_engine(model: nn.Module, lr: float, micro_batch_size: int, zero_stage: int, max_grad_norm: float):
@@ -64,12 +67,23 @@ def response_values(critic: nn.Module, batch: SequenceBatch) -> torch.Tensor:
     return values.gather(1, batch.response_positions)
 
 
+def forward_in_micro_batches(forward: Callable[[SequenceBatch], torch.Tensor], batch: SequenceBatch,
+                             size: Optional[int]) -> Tuple[torch.Tensor, ...]:
+    """forward() of every micro-batch of at most `size` rows, its outputs (each (b, R)) concatenated to (B, R)."""
+    outputs = [forward(batch.part(rows)) for rows in micro_batch_slices(len(batch), size)]
+    outputs = [output if isinstance(output, tuple) else (output,) for output in outputs]
+    return tuple(torch.cat(parts) for parts in zip(*outputs))
+
+
 class PPOLearner:
     """Policy, critic and reference on one rank."""
 
     def __init__(self, policy: nn.Module, critic: nn.Module, settings: PPOConfig, *, micro_batch_size: int,
                  pad_id: int, device: str):
+        """micro_batch_size: rows of a rank's mini-batch share (DeepSpeed's record of it); the passes themselves
+        take settings.micro_batch_size and settings.forward_micro_batch_size rows."""
         self.settings, self.pad_id, self.micro_batch_size = settings, pad_id, micro_batch_size
+        self.forward_rows = settings.forward_micro_batch_size or settings.micro_batch_size
         self.policy = build_engine(policy.to(device), settings.policy_lr, micro_batch_size, settings.zero_stage, settings.max_grad_norm)
         self.critic = build_engine(critic.to(device), settings.critic_lr, micro_batch_size, settings.zero_stage, settings.max_grad_norm)
         self.device = self.policy.device
@@ -88,11 +102,13 @@ class PPOLearner:
         self._set_policy_lr(lr)
         self.policy.train()
         batch = collate_sequences(prompt_ids, response_ids, self.pad_id).to(self.device)
-        log_probs, _ = response_log_probs(self.policy, batch)
-        loss = -masked_mean(log_probs, batch.response_mask.float())
-        self.policy.backward(loss * _token_share(batch.response_mask.float()))
-        self.policy.step()
-        return {"sft_loss": _mean_over_ranks(loss.item())}
+
+        def loss_of(part: SequenceBatch, rows: slice):
+            log_probs, _ = response_log_probs(self.policy, part)
+            return -masked_mean(log_probs, part.response_mask.float()), {}
+
+        loss = self._accumulated_step(self.policy, batch, batch.response_mask.float(), loss_of)["loss"]
+        return {"sft_loss": _mean_over_ranks(loss)}
 
     def end_sft(self) -> None:
         """Back to the PPO learning rate with fresh Adam moments, and re-anchor the reference."""
@@ -114,9 +130,9 @@ class PPOLearner:
         mask = batch.response_mask.float()
         self.policy.eval()
         self.critic.eval()
-        old_log_probs, entropy = response_log_probs(self.policy, batch)
-        reference_log_probs, _ = response_log_probs(self.reference, batch)
-        values = response_values(self.critic, batch)
+        old_log_probs, entropy = forward_in_micro_batches(lambda part: response_log_probs(self.policy, part), batch, self.forward_rows)
+        reference_log_probs, _ = forward_in_micro_batches(lambda part: response_log_probs(self.reference, part), batch, self.forward_rows)
+        (values,) = forward_in_micro_batches(lambda part: response_values(self.critic, part), batch, self.forward_rows)
         kl = kl_estimate(old_log_probs, reference_log_probs, settings.kl_estimator) * mask
         rewards = token_level_rewards(clip_rewards(scores.to(self.device), settings.reward_clip), kl, mask, kl_coefficient)
         advantages, returns = generalized_advantage_estimation(rewards, values, mask, settings.gamma, settings.lam)
@@ -149,19 +165,42 @@ class PPOLearner:
         return metrics
 
     def _update(self, part: Dict) -> Dict[str, float]:
-        settings, batch, mask = self.settings, part["batch"], part["mask"]
-        share = _token_share(mask)
-        log_probs, _ = response_log_probs(self.policy, batch)
-        policy_loss, policy_metrics = clipped_policy_loss(
-            log_probs, part["old_log_probs"], part["advantages"], mask, settings.clip_range)
-        self.policy.backward(policy_loss * share)
-        self.policy.step()
-        values = response_values(self.critic, batch)
-        value_loss, value_metrics = clipped_value_loss(values, part["values"], part["returns"], mask, settings.value_clip_range)
-        self.critic.backward(value_loss * share)
-        self.critic.step()
-        return {"policy_loss": policy_loss.item(), "value_loss": value_loss.item(),
-                **{k: v.item() for k, v in {**policy_metrics, **value_metrics}.items()}}
+        settings, mask = self.settings, part["mask"]
+
+        def policy_loss_of(micro: SequenceBatch, rows: slice):
+            log_probs, _ = response_log_probs(self.policy, micro)
+            return clipped_policy_loss(log_probs, part["old_log_probs"][rows], part["advantages"][rows], mask[rows],
+                                       settings.clip_range)
+
+        def value_loss_of(micro: SequenceBatch, rows: slice):
+            return clipped_value_loss(response_values(self.critic, micro), part["values"][rows],
+                                      part["returns"][rows], mask[rows], settings.value_clip_range)
+
+        policy = self._accumulated_step(self.policy, part["batch"], mask, policy_loss_of)
+        critic = self._accumulated_step(self.critic, part["batch"], mask, value_loss_of)
+        return {"policy_loss": policy.pop("loss"), "value_loss": critic.pop("loss"), **policy, **critic}
+
+    def _accumulated_step(self, engine, batch: SequenceBatch, mask: torch.Tensor,
+                          loss_of: Callable[[SequenceBatch, slice], Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
+                          ) -> Dict[str, float]:
+        """One optimizer step of `engine` on the token mean of loss_of over the batch (this rank's rows) and
+        the other ranks': micro-batches of settings.micro_batch_size rows, each token-mean loss weighted by
+        its share of the global tokens. Returns the loss and metrics as token means over this rank's rows."""
+        share, tokens = _token_share(mask), mask.sum()
+        slices = micro_batch_slices(len(batch), self.settings.micro_batch_size)
+        totals: Dict[str, float] = {}
+
+        def weighted_loss(index: int) -> torch.Tensor:
+            rows = slices[index]
+            loss, metrics = loss_of(batch.part(rows), rows)
+            weight = mask[rows].sum() / tokens  # the micro-batch's share of this rank's tokens
+            for name, value in {"loss": loss, **metrics}.items():
+                totals[name] = totals.get(name, 0.0) + (value * weight).item()
+            return loss * weight * share
+
+        accumulate_gradients(engine, len(slices), weighted_loss)
+        engine.step()
+        return totals
 
     def summarise(self, experience: Dict[str, torch.Tensor], trained: Dict[str, float]) -> Dict[str, float]:
         """Step metrics averaged over ranks: KL to the reference, entropy, length, explained variance, losses."""

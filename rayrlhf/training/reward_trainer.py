@@ -1,7 +1,9 @@
 """The reward model on a DeepSpeed engine: vanilla Bradley-Terry steps and MetaRM bilevel steps.
 
 One instance per rank; every rank is given its own equal share of each global batch, and the engine
-averages gradients over ranks, so the update equals the one-rank update on the whole batch.
+averages gradients over ranks, so the update equals the one-rank update on the whole batch. A rank's share is
+split into micro-batches (`micro_batch_size` pairs, `meta_micro_batch_size` meta prompts per forward pass) whose
+weighted gradients add up to the share's (rayrlhf/training/engines.py).
 
 The MetaRM step follows the authors' recipe (DESIGN.md): back up θ, ascend J on the meta batch to θ'
 (`inner_steps` times), back-propagate L at θ', restore θ, optimizer step. The backup and the ascent act on
@@ -12,7 +14,7 @@ rounded to nearest most of an ascent at the paper's η vanishes (round_to_dtype,
 """
 import logging
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
 import torch
 from torch import nn
@@ -22,11 +24,13 @@ from rayrlhf.algos.metarm import ascent_kept, ascent_sizes, ascent_step, backpro
 from rayrlhf.algos.reward_losses import bradley_terry_loss, difference_loss, preference_accuracy
 from rayrlhf.algos.rewards import reward_difference_statistics
 from rayrlhf.config import RunConfig
-from rayrlhf.data.batches import PreferenceBatch, ResponseGroupBatch, collate_groups
+from rayrlhf.data.batches import (PreferenceBatch, ResponseGroupBatch, collate_groups, group_micro_batches,
+                                  pair_micro_batches)
 from rayrlhf.data.reward_data import RewardData, TokenisedPair, preference_batches
 from rayrlhf.models.build import build_reward_model, save_model
 from rayrlhf.models.heads import reward_scores
 from rayrlhf.training.distributed import average_across_ranks
+from rayrlhf.training.engines import accumulate_gradients, deepspeed_config
 
 logger = logging.getLogger(__name__)
 
@@ -42,21 +46,6 @@ class RewardModule(nn.Module):
         return reward_scores(self.model, input_ids, attention_mask)
 
 
-def deepspeed_config(micro_batch_size: int, zero_stage: int, bf16: bool, max_grad_norm: float) -> dict:
-    return {
-        "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": max_grad_norm,
-        "bf16": {"enabled": bf16},
-        # Gather every ZeRO-3 parameter from its partition on use (no persistent copies), so the
-        # meta step's change to the partition is what the next forward pass sees.
-        "zero_optimization": {"stage": zero_stage, "stage3_param_persistence_threshold": 0},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**12,
-        "wall_clock_breakdown": False,
-    }
-
-
 class RewardModelTrainer:
     """A reward model, its optimizer (torch AdamW at lr alpha) and its DeepSpeed engine."""
 
@@ -68,8 +57,9 @@ class RewardModelTrainer:
         eta: float,
         inner_steps: int,
         order: str,
-        micro_batch_size: int,
+        micro_batch_size: Optional[int],
         zero_stage: int,
+        meta_micro_batch_size: Optional[int] = None,
         weight_decay: float = 0.0,
         adam_eps: float = 1e-8,
         max_grad_norm: float = 0.0,
@@ -83,6 +73,7 @@ class RewardModelTrainer:
 
         self.eta, self.inner_steps, self.order, self.zero_stage = eta, inner_steps, order, zero_stage
         self.seed, self.warned_about_rounding = seed, False
+        self.micro_batch_size, self.meta_micro_batch_size = micro_batch_size, meta_micro_batch_size
         if order == "second" and zero_stage == 3:
             raise ValueError("the second-order MetaRM update needs whole parameters; ZeRO-3 partitions them")
         if order == "second":
@@ -98,7 +89,7 @@ class RewardModelTrainer:
         self.engine, *_ = deepspeed.initialize(
             model=module,
             optimizer=optimizer,
-            config=deepspeed_config(micro_batch_size, zero_stage, bf16, max_grad_norm),
+            config=deepspeed_config(micro_batch_size or 1, zero_stage, bf16, max_grad_norm),
         )
         use_safetensors_checkpoints(self.engine)
         self.device = self.engine.device
@@ -112,17 +103,45 @@ class RewardModelTrainer:
         chosen, rejected = rewards[: batch.num_pairs], rewards[batch.num_pairs :]
         return bradley_terry_loss(chosen, rejected), preference_accuracy(chosen, rejected)
 
-    def _difference_loss(self, batch: ResponseGroupBatch) -> torch.Tensor:
-        return difference_loss(self.rewards(batch.input_ids, batch.attention_mask).view(-1, batch.group_size))
+    def _preference_backward(self, batch: PreferenceBatch) -> Dict[str, float]:
+        """Accumulate ∇L over the batch's micro-batches, each L weighted by its share of the pairs; returns L and
+        the accuracy of the whole batch."""
+        parts = pair_micro_batches(batch, self.micro_batch_size)
+        totals = {"loss": 0.0, "accuracy": 0.0}
+
+        def weighted_loss(index: int) -> torch.Tensor:
+            weight = parts[index].num_pairs / batch.num_pairs
+            loss, accuracy = self._preference_loss(parts[index])
+            totals["loss"] += loss.item() * weight
+            totals["accuracy"] += accuracy.item() * weight
+            return loss * weight
+
+        accumulate_gradients(self.engine, len(parts), weighted_loss)
+        return totals
+
+    def _difference_backward(self, batch: ResponseGroupBatch) -> float:
+        """Accumulate ∇J over the meta batch's micro-batches (J is a mean over prompts); returns J."""
+        parts = group_micro_batches(batch, self.meta_micro_batch_size)
+        total = 0.0
+
+        def weighted_difference(index: int) -> torch.Tensor:
+            nonlocal total
+            part = parts[index]
+            rewards = self.rewards(part.input_ids, part.attention_mask).view(-1, part.group_size)
+            difference = difference_loss(rewards) * (part.num_prompts / batch.num_prompts)
+            total += difference.item()
+            return difference
+
+        accumulate_gradients(self.engine, len(parts), weighted_difference)
+        return total
 
     # ---- training steps -----------------------------------------------------------------------
     def vanilla_step(self, batch: PreferenceBatch) -> Dict[str, float]:
         """θ ← θ - α ∇L_θ(X_t)."""
         self.engine.train()
-        loss, accuracy = self._preference_loss(batch)
-        self.engine.backward(loss)
+        values = self._preference_backward(batch)
         self.engine.step()
-        return {"loss": loss.item(), "accuracy": accuracy.item()}
+        return values
 
     def metarm_step(self, batch: PreferenceBatch, meta_batch: ResponseGroupBatch) -> Dict[str, float]:
         """One MetaRM step (Algorithm 1); first or exact second order by construction argument."""
@@ -135,9 +154,8 @@ class RewardModelTrainer:
         sizes = torch.zeros(2, device=self.device)  # ascent_kept's two sums
         generator = self._rounding_generator()
         for _ in range(self.inner_steps):
-            difference = self._difference_loss(meta_batch)
-            difference_before = difference.item() if difference_before is None else difference_before
-            self.engine.backward(difference)
+            difference = self._difference_backward(meta_batch)  # ∇J summed over micro-batches and ranks
+            difference_before = difference if difference_before is None else difference_before
             with torch.no_grad():
                 for tensor, gradient in zip(live, self._reduced_gradients()):
                     step = self.eta * gradient.view_as(tensor).float()
@@ -146,14 +164,12 @@ class RewardModelTrainer:
                     tensor.copy_(round_to_dtype(start + step, tensor.dtype, self.stochastic_rounding, generator))
                     sizes += ascent_sizes(start, tensor, step)
             self.engine.optimizer.zero_grad()
-        loss, accuracy = self._preference_loss(batch)  # L at θ'
-        self.engine.backward(loss)
+        values = self._preference_backward(batch)  # L at θ'
         with torch.no_grad():
             for tensor, saved in zip(live, backup):
                 tensor.copy_(saved)  # back to θ; the gradient taken at θ' stays
         self.engine.step()
-        return {"loss": loss.item(), "accuracy": accuracy.item(), "difference_loss": difference_before,
-                "ascent_kept": self._ascent_kept(sizes)}
+        return {**values, "difference_loss": difference_before, "ascent_kept": self._ascent_kept(sizes)}
 
     def _rounding_generator(self) -> torch.Generator:
         """Noise for stochastic rounding, seeded by the run's seed and the step: every rank draws the same (at
@@ -196,38 +212,46 @@ class RewardModelTrainer:
         return [read(p) for p in self._parameters()]
 
     def _second_order_step(self, batch: PreferenceBatch, meta_batch: ResponseGroupBatch) -> Dict[str, float]:
-        """Exact ∇_θ L(θ'(θ)) by reverse accumulation with Hessian-vector products (ZeRO 0-2)."""
+        """Exact ∇_θ L(θ'(θ)) by reverse accumulation with Hessian-vector products (ZeRO 0-2). Every gradient
+        and Hessian-vector product is summed over micro-batches (each term weighted by its share), then ranks."""
         module = self.engine.module
         names = [name for name, p in module.named_parameters() if p.requires_grad]
         theta = {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
-        meta_ids, meta_mask = meta_batch.input_ids.to(self.device), meta_batch.attention_mask.to(self.device)
-        ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
+        meta_parts = [(part.num_prompts / meta_batch.num_prompts, part.to(self.device))
+                      for part in group_micro_batches(meta_batch, self.meta_micro_batch_size)]
+        pair_parts = [(part.num_pairs / batch.num_pairs, part.to(self.device))
+                      for part in pair_micro_batches(batch, self.micro_batch_size)]
 
-        def difference_at(params):
-            rewards = functional_call(module, params, (meta_ids, meta_mask))
-            return difference_loss(rewards.view(-1, meta_batch.group_size))
+        def difference_at(params, part: ResponseGroupBatch):
+            rewards = functional_call(module, params, (part.input_ids, part.attention_mask))
+            return difference_loss(rewards.view(-1, part.group_size))
 
-        def preference_at(params):
-            rewards = functional_call(module, params, (ids, mask))
-            return bradley_terry_loss(rewards[: batch.num_pairs], rewards[batch.num_pairs :])
+        def preference_at(params, part: PreferenceBatch):
+            rewards = functional_call(module, params, (part.input_ids, part.attention_mask))
+            return bradley_terry_loss(rewards[: part.num_pairs], rewards[part.num_pairs :])
 
-        def averaged_gradient(objective, params, vector=None):
-            leaves = {name: params[name].detach().requires_grad_() for name in names}
-            value = objective(leaves)
-            gradients = torch.autograd.grad(value, list(leaves.values()), create_graph=vector is not None)
-            if vector is not None:  # Hessian-vector product: ∇(∇J · v)
-                inner = sum((g * vector[name]).sum() for g, name in zip(gradients, names))
-                gradients = torch.autograd.grad(inner, list(leaves.values()))
-            gradients = [g.detach().clone() for g in gradients]
-            average_across_ranks(gradients)
-            return dict(zip(names, gradients)), value.item()
+        def averaged_gradient(objective, parts, params, vector=None):
+            total = {name: torch.zeros_like(params[name]) for name in names}
+            value = 0.0
+            for weight, part in parts:
+                leaves = {name: params[name].detach().requires_grad_() for name in names}
+                part_value = objective(leaves, part) * weight
+                gradients = torch.autograd.grad(part_value, list(leaves.values()), create_graph=vector is not None)
+                if vector is not None:  # Hessian-vector product: ∇(∇J · v)
+                    inner = sum((g * vector[name]).sum() for g, name in zip(gradients, names))
+                    gradients = torch.autograd.grad(inner, list(leaves.values()))
+                for name, gradient in zip(names, gradients):
+                    total[name] += gradient.detach()
+                value += part_value.item()
+            average_across_ranks(list(total.values()))
+            return total, value
 
         trajectory = [theta]
         difference_before = None
         sizes = torch.zeros(2, device=self.device)
         generator = self._rounding_generator()
         for _ in range(self.inner_steps):
-            gradient, difference = averaged_gradient(difference_at, trajectory[-1])
+            gradient, difference = averaged_gradient(difference_at, meta_parts, trajectory[-1])
             difference_before = difference if difference_before is None else difference_before
             ascended = ascent_step({name: t.float() for name, t in trajectory[-1].items()},
                                    {name: g.float() for name, g in gradient.items()}, self.eta)
@@ -235,41 +259,49 @@ class RewardModelTrainer:
                                                     self.stochastic_rounding, generator) for name in names})
             for name in names:
                 sizes += ascent_sizes(trajectory[-2][name], trajectory[-1][name], self.eta * gradient[name].float())
-        outer, loss = averaged_gradient(preference_at, trajectory[-1])
+        outer, loss = averaged_gradient(preference_at, pair_parts, trajectory[-1])
         meta_gradient = backprop_through_ascent(
-            outer, trajectory, lambda params, vector: averaged_gradient(difference_at, params, vector)[0], self.eta
+            outer, trajectory,
+            lambda params, vector: averaged_gradient(difference_at, meta_parts, params, vector)[0], self.eta
         )
         # Hand the engine a surrogate whose gradient is the meta-gradient; its rank average is itself.
         surrogate = sum((p * meta_gradient[name]).sum() for name, p in module.named_parameters() if p.requires_grad)
-        self.engine.backward(surrogate)
+        accumulate_gradients(self.engine, 1, lambda _: surrogate)
         self.engine.step()
         with torch.no_grad():
-            rewards = functional_call(module, trajectory[-1], (ids, mask))
-            accuracy = preference_accuracy(rewards[: batch.num_pairs], rewards[batch.num_pairs :])
-        return {"loss": loss, "accuracy": accuracy.item(), "difference_loss": difference_before,
+            accuracy = sum(weight * preference_accuracy(*_split_pairs(functional_call(
+                module, trajectory[-1], (part.input_ids, part.attention_mask)), part.num_pairs)).item()
+                for weight, part in pair_parts)
+        return {"loss": loss, "accuracy": accuracy, "difference_loss": difference_before,
                 "ascent_kept": self._ascent_kept(sizes)}
 
     # ---- evaluation and saving ----------------------------------------------------------------
     @torch.no_grad()
-    def evaluate_pairs(self, batches) -> Dict[str, float]:
+    def evaluate_pairs(self, batches: Iterable[PreferenceBatch], on_batch: Optional[Callable[[], None]] = None
+                       ) -> Dict[str, float]:
         """Accuracy and loss over preference batches (this rank's; callers average over ranks)."""
         self.engine.eval()
         correct = total = loss_sum = 0.0
         for batch in batches:
-            rewards = self.rewards(batch.input_ids, batch.attention_mask)
-            chosen, rejected = rewards[: batch.num_pairs], rewards[batch.num_pairs :]
+            chosen, rejected = _split_pairs(self.rewards(batch.input_ids, batch.attention_mask), batch.num_pairs)
             correct += (chosen > rejected).sum().item()
             loss_sum += bradley_terry_loss(chosen, rejected).item() * batch.num_pairs
             total += batch.num_pairs
+            if on_batch:
+                on_batch()
         return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1), "pairs": int(total)}
 
     @torch.no_grad()
-    def group_rewards(self, batches) -> torch.Tensor:
+    def group_rewards(self, batches: Iterable[ResponseGroupBatch], on_batch: Optional[Callable[[], None]] = None
+                      ) -> torch.Tensor:
         """(P, k) rewards of response groups, e.g. for the reward-difference statistics."""
         self.engine.eval()
-        return torch.cat([
-            self.rewards(b.input_ids, b.attention_mask).view(-1, b.group_size).cpu() for b in batches
-        ])
+        rewards = []
+        for batch in batches:
+            rewards.append(self.rewards(batch.input_ids, batch.attention_mask).view(-1, batch.group_size).cpu())
+            if on_batch:
+                on_batch()
+        return torch.cat(rewards)
 
     def full_parameters(self) -> Dict[str, torch.Tensor]:
         """Whole fp32 copies of every parameter (gathered under ZeRO-3), on CPU."""
@@ -290,6 +322,11 @@ class RewardModelTrainer:
                 save_model(self.engine.module.model, tokenizer, Path(folder))
 
 
+def _split_pairs(rewards: torch.Tensor, num_pairs: int):
+    """(chosen, rejected) rewards of a PreferenceBatch's (2B,) rewards."""
+    return rewards[:num_pairs], rewards[num_pairs:]
+
+
 def build_reward_trainer(config: RunConfig, tokenizer, world_size: int) -> RewardModelTrainer:
     """The reward model of `config.reward_model` on its engine, set up by `config.reward` for this rank's share
     of each global batch (the process group must exist: DeepSpeed needs it)."""
@@ -300,7 +337,8 @@ def build_reward_trainer(config: RunConfig, tokenizer, world_size: int) -> Rewar
         eta=reward.eta,
         inner_steps=reward.inner_steps,
         order=reward.order,
-        micro_batch_size=reward.batch_size // world_size,
+        micro_batch_size=reward.micro_batch_size,
+        meta_micro_batch_size=reward.meta_micro_batch_size,
         zero_stage=reward.zero_stage,
         weight_decay=reward.weight_decay,
         adam_eps=reward.adam_eps,
@@ -331,13 +369,33 @@ def train_steps(
     return history
 
 
-def evaluate_reward_data(trainer: RewardModelTrainer, data: RewardData, batch_size: int, pad_id: int) -> Dict[str, float]:
-    """Held-out and target accuracy, and the reward-difference statistics on the meta groups (whole sets, every rank)."""
-    results = {f"eval_{k}": v for k, v in trainer.evaluate_pairs(preference_batches(data.evaluation, batch_size, pad_id, 0, 1, None)).items()}
+def evaluation_batch_count(data: RewardData, sequences_per_pass: int) -> int:
+    """How many forward passes evaluate_reward_data makes (for a progress bar)."""
+    pairs, groups = pairs_per_pass(sequences_per_pass), groups_per_pass(sequences_per_pass, data.meta)
+    return sum(-(-len(items) // size) for items, size in
+               ((data.evaluation, pairs), (data.target or [], pairs), (data.meta or [], groups)))
+
+
+def pairs_per_pass(sequences_per_pass: int) -> int:
+    return max(1, sequences_per_pass // 2)
+
+
+def groups_per_pass(sequences_per_pass: int, groups: Optional[List[list]]) -> int:
+    return max(1, sequences_per_pass // len(groups[0])) if groups else 1
+
+
+def evaluate_reward_data(trainer: RewardModelTrainer, data: RewardData, sequences_per_pass: int, pad_id: int,
+                         on_batch: Optional[Callable[[], None]] = None) -> Dict[str, float]:
+    """Held-out and target accuracy, and the reward-difference statistics on the meta groups (whole sets, every
+    rank), at most `sequences_per_pass` sequences per forward pass; `on_batch()` after each pass."""
+    pairs = pairs_per_pass(sequences_per_pass)
+    evaluation = trainer.evaluate_pairs(preference_batches(data.evaluation, pairs, pad_id, 0, 1, None), on_batch)
+    results = {f"eval_{k}": v for k, v in evaluation.items()}
     if data.target:
-        target = trainer.evaluate_pairs(preference_batches(data.target, batch_size, pad_id, 0, 1, None))
+        target = trainer.evaluate_pairs(preference_batches(data.target, pairs, pad_id, 0, 1, None), on_batch)
         results.update({f"target_{k}": v for k, v in target.items()})
     if data.meta:
-        groups = [collate_groups(data.meta[i : i + batch_size], pad_id) for i in range(0, len(data.meta), batch_size)]
-        results.update(reward_difference_statistics(trainer.group_rewards(groups)))
+        size = groups_per_pass(sequences_per_pass, data.meta)
+        groups = [collate_groups(data.meta[i : i + size], pad_id) for i in range(0, len(data.meta), size)]
+        results.update(reward_difference_statistics(trainer.group_rewards(groups, on_batch)))
     return results

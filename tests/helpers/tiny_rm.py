@@ -1,8 +1,9 @@
 """A tiny reward model, fixed batches and a DeepSpeed trainer, shared by the trainer tests and run by torchrun.
 
-    python -m torch.distributed.run --nproc_per_node N tests/helpers/tiny_rm.py OUT.pt ZERO_STAGE ORDER
+    python -m torch.distributed.run --nproc_per_node N tests/helpers/tiny_rm.py OUT.pt ZERO_STAGE ORDER [MICRO META_MICRO]
 
-runs STEPS MetaRM steps on the global batches (each rank its share) and has rank 0 save the parameters.
+runs STEPS MetaRM steps on the global batches (each rank its share, in micro-batches of MICRO pairs and
+META_MICRO meta prompts when given) and has rank 0 save the parameters.
 """
 import sys
 from pathlib import Path
@@ -44,24 +45,25 @@ def global_batches(rank: int = 0, world_size: int = 1):
     return batches
 
 
-def make_trainer(zero_stage: int, order: str = "first", world_size: int = 1):
+def make_trainer(zero_stage: int, order: str = "first", micro_batch_size=None, meta_micro_batch_size=None):
     from rayrlhf.training.reward_trainer import RewardModelTrainer
 
     _, tokenizer = task_and_tokenizer()
     return RewardModelTrainer(
         tiny_reward_model(tokenizer), alpha=ALPHA, eta=ETA, inner_steps=INNER_STEPS, order=order,
-        micro_batch_size=PAIRS_PER_STEP // world_size, zero_stage=zero_stage, adam_eps=ADAM_EPS,
+        micro_batch_size=micro_batch_size, meta_micro_batch_size=meta_micro_batch_size, zero_stage=zero_stage,
+        adam_eps=ADAM_EPS,
     )
 
 
-def main(out: str, zero_stage: int, order: str) -> None:
+def main(out: str, zero_stage: int, order: str, micro_batch_size=None, meta_micro_batch_size=None) -> None:
     import torch.distributed as dist
 
     from rayrlhf.training.distributed import init_distributed, exit_distributed_process
 
     init_distributed("cpu")
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    trainer = make_trainer(zero_stage, order, world_size)
+    trainer = make_trainer(zero_stage, order, micro_batch_size, meta_micro_batch_size)
     for preference, meta in global_batches(rank, world_size):
         trainer.metarm_step(preference, meta)
     parameters = trainer.full_parameters()
@@ -71,4 +73,4 @@ def main(out: str, zero_stage: int, order: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], *(int(size) for size in sys.argv[4:6]))
