@@ -165,6 +165,9 @@ class RewardTrainingConfig(Schema):
     max_grad_norm: float = Field(1.0, ge=0)
     """0 turns gradient clipping off."""
     zero_stage: Literal[0, 1, 2, 3] = 0
+    gradient_checkpointing: bool = False
+    """Keep only each layer's input in the forward pass and recompute the rest during backward: activation
+    memory of a layer instead of all of them, for about a third more compute (benchmarks/results/memory.md)."""
     eval_batch_size: int = Field(32, gt=0)
     """Sequences per forward pass when the RM evaluates (pairs: half of it) or scores rollouts (no gradients)."""
 
@@ -197,6 +200,9 @@ class PPOConfig(Schema):
     steps_per_round: int = Field(4, gt=0)
     zero_stage: Literal[0, 1, 2] = 0
     max_grad_norm: float = Field(1.0, ge=0)
+    gradient_checkpointing: bool = False
+    """Recompute the policy's and the critic's activations during backward instead of keeping them (see
+    reward.gradient_checkpointing)."""
     critic_from_reward_model: bool = True
     """Initialise the critic from the trained RM (the paper); needs policy and RM to share a tokenizer."""
 
@@ -222,6 +228,9 @@ class RolloutConfig(Schema):
     """Let vLLM compile its model (torch.compile; CUDA graphs on GPU) instead of running it eagerly. Unset:
     compiled on GPU, where graphs remove the launch overhead; eager on CPU, where compiling took 73 s to start
     and decoded no faster (benchmarks/results/rollout.md)."""
+    vllm_kv_cache_gb: float = Field(1.0, gt=0)
+    """GiB of KV cache for each vLLM rollout worker on CPU (on GPU vLLM sizes it from the free memory). A batch
+    whose sequences need more is generated in turns."""
     logprob_mismatch_warning: float = Field(1e-2, ge=0)
     """Warn when the mean |engine log-prob - trainer log-prob| of a PPO step's tokens exceeds this: the engine
     and the trainer then disagree about the policy (stale weights, a dtype or kernel mismatch), and PPO's
@@ -241,8 +250,15 @@ class ResourcesConfig(Schema):
     rollout_workers: int = Field(1, gt=0)
     cpus_per_actor: float = Field(1.0, gt=0)
     """CPUs reserved for each actor (rollout worker, reward-learner rank, PPO rank); fractions share a core."""
+    torch_threads: Optional[int] = Field(None, gt=0)
+    """Torch threads of each learner and rollout actor on CPU. Unset: every core its process may run on, since
+    the round loop runs one phase at a time and the other actors of the node then wait
+    (benchmarks/results/ppo_throughput.md). 1 gives the one-thread-per-actor behaviour of earlier versions."""
     gpus_per_actor: float = Field(1.0, ge=0)
     """GPUs reserved for each actor when device is cuda."""
+    check_memory: bool = True
+    """On CPU, refuse a run whose actors' estimated peak memory (rayrlhf/memory_plan.py) exceeds what the node has
+    available, before any actor starts."""
     rollout_worker_restarts: int = Field(3, ge=0)
     """How often Ray restarts a rollout worker whose process died; the pipeline then syncs the current
     weights into it and regenerates the batch it lost."""
@@ -270,6 +286,10 @@ class RunConfig(Schema):
     seed: int = 0
     resume: bool = False
     """Continue from the last checkpoint in run_dir."""
+    log_level: Literal["warning", "info", "debug"] = "warning"
+    """What the console shows besides progress bars and the round table: `warning`, this project's warnings
+    and every library's errors; `info` / `debug`, every record from that level on. Every record from INFO on
+    (DEBUG at `debug`) is written to run_dir/logs/, one file per process (rayrlhf/logs.py)."""
     keep_checkpoints: int = Field(2, gt=0)
     restarts_from_checkpoint: int = Field(2, ge=0)
     """When an actor's process dies (a learner rank, or a rollout worker past its own restarts), start every
@@ -312,6 +332,10 @@ class RunConfig(Schema):
                 f"reward.meta_batch_size={reward.meta_batch_size} exceeds reward.meta_prompts_per_round="
                 f"{reward.meta_prompts_per_round}: each round samples only that many meta prompts"
             )
+        if reward.method == "metarm" and reward.order == "second" and reward.gradient_checkpointing:
+            raise ValueError("reward.order='second' cannot run with reward.gradient_checkpointing=true (its Hessian-vector "
+                             "products through recomputed activations are wrong); use reward.order='first' or turn "
+                             "checkpointing off and lower reward.micro_batch_size instead")
         if self.reward.method == "metarm" and self.reward.order == "second" and self.reward.zero_stage == 3:
             raise ValueError(
                 "reward.order='second' needs whole parameters on every rank; ZeRO-3 partitions them. "

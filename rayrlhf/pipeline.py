@@ -32,6 +32,7 @@ from rayrlhf.algos.kl import AdaptiveKLController, FixedKLController
 from rayrlhf.algos.rewards import gold_pair_accuracy, reward_difference_statistics
 from rayrlhf.checkpoints import begin_checkpoint, checkpoint_path, commit_checkpoint, latest_checkpoint, read_state
 from rayrlhf.config import RunConfig
+from rayrlhf.logs import actor_environment
 from rayrlhf.data.rollouts import Rollout
 from rayrlhf.data.sources import load_preference_pairs, split_by_prompt
 from rayrlhf.data.synthetic import SyntheticPreferenceTask
@@ -103,15 +104,16 @@ class Actors:
 def start_actors(config: RunConfig, given: Optional[PlacementGroup] = None, first_bundle: int = 0) -> Actors:
     """Every actor in one placement group (its own, or bundles first_bundle... of `given`, e.g. a Tune
     trial's), then the two rank groups form their process groups."""
-    resources = config.resources
+    resources, environment = config.resources, actor_environment(config.log_level)
     group = given or reserve(resources)
     slots = iter(range(first_bundle, 10**6))
-    workers = [start_actor(RolloutWorker, group, next(slots), resources, config, i, max_restarts=resources.rollout_worker_restarts)
+    workers = [start_actor(RolloutWorker, group, next(slots), resources, config, i,
+                           max_restarts=resources.rollout_worker_restarts, environment=environment)
                for i in range(resources.rollout_workers)]
-    learner = RankGroup([start_actor(RewardLearner, group, next(slots), resources, config, rank, resources.reward_learner_ranks)
-                         for rank in range(resources.reward_learner_ranks)])
-    trainer = RankGroup([start_actor(PPOTrainer, group, next(slots), resources, config, rank, resources.ppo_ranks)
-                         for rank in range(resources.ppo_ranks)])
+    learner = RankGroup([start_actor(RewardLearner, group, next(slots), resources, config, rank, resources.reward_learner_ranks,
+                                     environment=environment) for rank in range(resources.reward_learner_ranks)])
+    trainer = RankGroup([start_actor(PPOTrainer, group, next(slots), resources, config, rank, resources.ppo_ranks,
+                                     environment=environment) for rank in range(resources.ppo_ranks)])
     learner.form_process_group()
     trainer.form_process_group()
     return Actors(workers, learner, trainer, group, owns_placement=given is None)
@@ -224,7 +226,16 @@ class Pipeline:
                 bar.update()
         summary.update({name: sum(m[name] for m in step_metrics) / len(step_metrics) for name in step_metrics[0]})
         summary["kl_coefficient"] = self.kl.value
+        summary.update(self.peak_memory())
         return summary
+
+    def peak_memory(self) -> Dict[str, float]:
+        """Each role's peak process memory so far (GiB; the largest of its actors): RSS on CPU, allocated on GPU."""
+        actors = self.actors
+        roles = {"rollout": actors.rollout_workers, "reward": actors.reward_learner.actors, "ppo": actors.ppo_trainer.actors}
+        peaks = {f"peak_memory_gb_{role}": max(ray.get([actor.peak_memory_gb.remote() for actor in members]))
+                 for role, members in roles.items()}
+        return {**peaks, "peak_memory_gb": max(peaks.values())}
 
     def generate(self, prompts: List[str], n: int, seed: int, round_index: int) -> Rollout:
         """n samples per prompt, the prompts split contiguously over the rollout workers. A worker whose

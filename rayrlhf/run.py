@@ -19,6 +19,7 @@ from rayrlhf.checkpoints import latest_checkpoint
 from rayrlhf.cli import run_command
 from rayrlhf.config import RunConfig, save_config
 from rayrlhf.errors import ConfigError, ModelSourceError
+from rayrlhf.logs import configure_logging
 from rayrlhf.models.vllm_engine import choose_engine
 from rayrlhf.plots import plot_rounds
 
@@ -32,12 +33,14 @@ TABLE_COLUMNS = [
     ("kl_per_sequence", "KL", "{:.4f}"),
     ("entropy", "entropy", "{:.3f}"),
     ("response_length", "length", "{:.1f}"),
+    ("peak_memory_gb", "peak GB", "{:.2f}"),
     ("round_seconds", "seconds", "{:.1f}"),
 ]
 
 
-def check_models(config: RunConfig) -> None:
-    """Model sources resolve and, when the critic starts from the RM, policy and RM share a tokenizer."""
+def check_models(config: RunConfig) -> Dict[str, "PreTrainedTokenizerBase"]:  # noqa: F821
+    """Model sources resolve and, when the critic starts from the RM, policy and RM share a tokenizer. Returns
+    each role's tokenizer."""
     from rayrlhf.data.reward_data import task_tokenizer
     from rayrlhf.models.build import load_tokenizer
 
@@ -50,6 +53,33 @@ def check_models(config: RunConfig) -> None:
     if config.ppo.critic_from_reward_model and tokenizers["policy"].get_vocab() != tokenizers["reward_model"].get_vocab():
         raise ConfigError("ppo.critic_from_reward_model=true needs the policy and the reward model to share a tokenizer "
                           "(the critic reads the policy's tokens); set it false or give both the same tokenizer")
+    return tokenizers
+
+
+def check_memory_fits(config: RunConfig, tokenizers: Dict, ray) -> None:
+    """On CPU: the actors' estimated peaks (rayrlhf/memory_plan.py) must fit the memory the cluster has."""
+    from rayrlhf.memory_plan import check_memory, estimate_actors
+    from rayrlhf.models.build import model_shape
+
+    if config.resources.device != "cpu" or not config.resources.check_memory:
+        return
+    critic = config.reward_model if config.ppo.critic_from_reward_model else config.policy
+    shapes = {"policy": model_shape(config.policy, tokenizers["policy"], causal=True),
+              "reward_model": model_shape(config.reward_model, tokenizers["reward_model"], causal=False),
+              "critic": model_shape(critic, tokenizers["policy"], causal=False)}
+    check_memory(estimate_actors(config, shapes, choose_engine(config.rollout.engine)), available_memory_gb(ray))
+
+
+def available_memory_gb(ray) -> float:
+    """This machine's available memory (with Ray already started) for a local instance; on a cluster, what
+    Ray found on its nodes (their `memory` and `object_store_memory` resources)."""
+    import os
+
+    if not os.environ.get("RAY_ADDRESS"):
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        return int(meminfo["MemAvailable"].split()[0]) / 2**20
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    return sum(node.get("memory", 0) + node.get("object_store_memory", 0) for node in nodes) / 2**30
 
 
 def check_run_dir(config: RunConfig) -> None:
@@ -80,10 +110,12 @@ def run(config: RunConfig, on_round: Optional[Callable[[Dict[str, float]], None]
     choose_engine(config.rollout.engine)  # an absent vLLM asked for by name is an error here
     check_run_dir(config)
     prompts = load_prompt_sets(config)
-    check_models(config)
+    tokenizers = check_models(config)
     ray = start_ray(config)
+    check_memory_fits(config, tokenizers, ray)
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    configure_logging(run_dir / "logs" / "driver.log", config.log_level)
     save_config(config, run_dir / "config.yaml")
     restarts = 0
     while True:

@@ -111,3 +111,8 @@ def test_rank_count_must_match_the_config():
 
     with pytest.raises(ConfigError, match="started with 2 ranks but resources.reward_learner_ranks=1"):
         train_reward_model(load_config(None), rank=0, world_size=2)
+
+
+def test_second_order_metarm_with_gradient_checkpointing_is_refused():
+    with pytest.raises(ConfigError, match="reward.order='second' cannot run with reward.gradient_checkpointing"):
+        load_config("conf/tiny.yaml", ["reward.order=second", "reward.gradient_checkpointing=true"])

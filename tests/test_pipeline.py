@@ -1,7 +1,9 @@
 """`python -m rayrlhf.run` end to end on real Ray, DeepSpeed and the rollout engine: the embedded default,
 reproducibility, a crash and a resume, and the real TL;DR data with a tiny policy."""
 import csv
+import importlib.util
 import json
+import math
 import os
 import signal
 import subprocess
@@ -96,6 +98,14 @@ def test_embedded_default_prints_the_round_table_and_writes_a_complete_run_dir(d
         assert summary["reward_mean"] == pytest.approx(sum(mine) / len(mine))
         assert 0 <= summary["gold_pair_accuracy"] <= 1 and summary["reward_difference_variance"] > 0
         assert summary["rm_steps"] == 10
+    # A quiet console: progress bars, the table, warnings that matter; library INFO lines go to logs/ instead.
+    console = (result.stdout + result.stderr).splitlines()
+    assert len(console) < 60, "\n".join(console)
+    assert not any("Failed to load weights" in line or " INFO " in line for line in console)
+    logs = {path.name: path.read_text() for path in (run_dir / "logs").iterdir()}
+    assert {"driver.log", "rollout_worker_0.log", "reward_learner_0.log", "ppo_trainer_0.log"} <= logs.keys()
+    if importlib.util.find_spec("vllm"):  # vLLM's records reach the worker's file
+        assert "vllm" in logs["rollout_worker_0.log"]
 
 
 def test_same_seed_gives_identical_metrics(default_run, tmp_path):
@@ -288,6 +298,37 @@ def test_tldr_config_with_a_tiny_policy_writes_a_complete_run_dir(tmp_path):
     assert summary["rm_steps"] == 2 and summary["reward_difference_pairs"] == 4
     policy = AutoModelForCausalLM.from_pretrained(run_dir / "policy")
     assert policy.config.vocab_size == 50257
+
+
+def test_the_cpu_tldr_config_runs_every_phase_with_real_smollm2_on_real_data(tmp_path):
+    """The real-model path: SmolLM2-135M-Instruct from its PyPI package as policy, RM and critic, the shipped
+    TL;DR and CNN/DM comparisons, the default engine (vLLM where installed), micro-batches; conf/tldr_cpu.yaml
+    shrunk to a step or two of every phase."""
+    run_dir = tmp_path / "tldr_cpu"
+    run_main(
+        "conf/tldr_cpu.yaml", f"run_dir={run_dir}", "data.max_prompt_tokens=64", "data.max_response_tokens=12",
+        "rollout.max_new_tokens=12", "data.eval_fraction=0.01", "data.target_eval.max_records=4",
+        "reward.batch_size=4", "reward.initial_max_steps=2", "reward.max_steps=1", "reward.meta_prompts_per_round=2",
+        "reward.samples_per_prompt=2", "ppo.rollout_batch_size=2", "ppo.steps_per_round=1", "ppo.micro_batch_size=1",
+    )
+    start, = records(run_dir, "start")
+    summary, = records(run_dir, "round")
+    assert start["initial_rm_steps"] == 2 and summary["rm_steps"] == 1 and len(records(run_dir, "ppo")) == 1
+    assert summary["target_pairs"] == 4 and summary["reward_difference_pairs"] == 2
+    assert all(math.isfinite(value) for value in summary.values() if isinstance(value, float))
+    assert 0 < summary["rm_ascent_kept"] and 1 < summary["peak_memory_gb"] < 12
+    policy = AutoModelForCausalLM.from_pretrained(run_dir / "policy")
+    assert sum(p.numel() for p in policy.parameters()) == 134_515_008  # SmolLM2-135M, tied embeddings
+    assert (run_dir / "reward_model" / "config.json").is_file() and (run_dir / "checkpoints" / "round_0001").is_dir()
+
+
+def test_a_config_whose_estimated_memory_exceeds_the_node_is_refused_before_any_actor(tmp_path):
+    """1024 sequences in one PPO pass: the logits at the response positions alone are about 30 GiB."""
+    run_dir = tmp_path / "too_big"
+    result = run_main("conf/tldr_cpu.yaml", f"run_dir={run_dir}", "ppo.rollout_batch_size=1024", "ppo.micro_batch_size=null",
+                      "ppo.forward_micro_batch_size=null", expect=2)
+    assert "the actors would need about" in result.stderr and "lower ppo.micro_batch_size" in result.stderr
+    assert not run_dir.exists()
 
 
 def test_hh_config_samples_meta_data_on_the_harmless_domain_and_resets_the_rm_each_round(tmp_path):

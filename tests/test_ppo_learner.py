@@ -65,13 +65,15 @@ def ppo_step(**sizes):
 
 
 def test_ppo_step_in_micro_batches_equals_the_whole_mini_batch_step(distributed):
-    """Mini-batches of 4 rows in micro-batches of 1 and of 3 (3 + 1), no-grad passes 2 and 5 rows at a time."""
+    """Mini-batches of 4 rows in micro-batches of 1 and of 3 (3 + 1), no-grad passes 2 and 5 rows at a time;
+    and with the policy's and critic's activations recomputed in backward (gradient checkpointing)."""
     whole_experience, whole_trained, whole_weights = ppo_step()
     initial = learner(rollout_and_tokenizer()[1])
     moved = max((whole_weights[f"policy.{n}"] - p).abs().max().item() for n, p in initial.policy.module.named_parameters())
     assert moved > 1e-3  # the comparison is not between two unmoved models
-    for micro, forward in ((1, 2), (3, 5)):
-        experience, trained, weights = ppo_step(micro_batch_size=micro, forward_micro_batch_size=forward)
+    for micro, forward, checkpointing in ((1, 2, False), (3, 5, False), (3, None, True)):
+        experience, trained, weights = ppo_step(micro_batch_size=micro, forward_micro_batch_size=forward,
+                                                gradient_checkpointing=checkpointing)
         for name in ("old_log_probs", "values", "advantages", "returns", "kl", "entropy"):
             torch.testing.assert_close(experience[name], whole_experience[name], atol=1e-5, rtol=0)
         assert trained == pytest.approx(whole_trained, abs=1e-5)

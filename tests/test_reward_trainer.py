@@ -43,8 +43,8 @@ def reference_parameters(order: str):
     return {name: p.detach().clone() for name, p in module.named_parameters()}
 
 
-def engine_parameters(zero_stage: int, order: str = "first", micro_batch_size=None, meta_micro_batch_size=None):
-    trainer = tiny_rm.make_trainer(zero_stage, order, micro_batch_size, meta_micro_batch_size)
+def engine_parameters(zero_stage: int, order: str = "first", micro_batch_size=None, meta_micro_batch_size=None, **options):
+    trainer = tiny_rm.make_trainer(zero_stage, order, micro_batch_size, meta_micro_batch_size, **options)
     for preference, meta in tiny_rm.global_batches():
         metrics = trainer.metarm_step(preference, meta)
         assert metrics["loss"] > 0 and 0 < metrics["difference_loss"] < 1
@@ -96,6 +96,14 @@ def test_metarm_in_micro_batches_equals_the_whole_batch_step(distributed, refere
     expected = reference_first_order if order == "first" else reference_parameters("second")
     for micro in (1, 3):
         assert_close(engine_parameters(zero_stage, order, micro_batch_size=micro, meta_micro_batch_size=1), expected)
+
+
+def test_gradient_checkpointing_gives_the_same_metarm_steps(distributed, reference_first_order):
+    """Activations recomputed in backward, first order; the second order refuses it (its Hessian-vector
+    products through recomputed activations were measured wrong)."""
+    assert_close(engine_parameters(0, "first", micro_batch_size=3, gradient_checkpointing=True), reference_first_order)
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        tiny_rm.make_trainer(0, "second", gradient_checkpointing=True)
 
 
 def test_vanilla_gradient_accumulated_over_micro_batches_is_the_whole_batch_gradient(distributed):

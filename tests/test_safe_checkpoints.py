@@ -6,7 +6,7 @@ import pytest
 import torch
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
 
-from rayrlhf.training.safe_checkpoints import UnsafeCheckpointError, load_state, save_state
+from rayrlhf.training.safe_checkpoints import UnsafeCheckpointError, load_state, save_state, writable
 
 from helpers import tiny_rm
 
@@ -80,3 +80,12 @@ def test_every_zero_stage_resumes_exactly_from_safetensors(distributed, tmp_path
         resumed.metarm_step(*batches)
     expected, actual = continuing.full_parameters(), resumed.full_parameters()
     assert max((actual[name] - expected[name]).abs().max().item() for name in expected) < 1e-6
+
+
+def test_only_tensors_that_share_storage_or_are_views_are_copied_for_writing():
+    whole, other = torch.arange(6.0), torch.ones(3)
+    written = writable({"whole": whole, "view": whole[2:4], "again": whole, "other": other, "strided": other[::2]})
+    assert written["whole"].data_ptr() == whole.data_ptr() and written["other"].data_ptr() == other.data_ptr()
+    for name in ("view", "again", "strided"):  # copied: safetensors refuses shared or partial storage
+        assert written[name].untyped_storage().data_ptr() not in (whole.data_ptr(), other.data_ptr())
+    assert written["view"].tolist() == [2.0, 3.0] and written["strided"].tolist() == [1.0, 1.0]

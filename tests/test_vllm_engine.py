@@ -26,7 +26,7 @@ def model_and_engine(tmp_path_factory):
     model = build_causal_lm(ModelSpec(source="tiny"), tokenizer, seed=0).eval()
     folder = tmp_path_factory.mktemp("vllm") / "policy"
     save_model(model, tokenizer, folder)
-    engine = VLLMEngine(str(folder), device="cpu", dtype="float32", seed=0, max_model_len=64, in_process=True)
+    engine = VLLMEngine(str(folder), device="cpu", dtype="float32", seed=0, max_model_len=320, in_process=True)
     prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for _, text in task.prompts()[:4]]
     yield model, engine, prompts, tokenizer.eos_token_id
     engine.shutdown()
@@ -57,3 +57,13 @@ def test_vllm_samples_only_from_the_nucleus_with_raw_log_probs(model_and_engine)
     # The check can fail: the random tiny model spreads its probability wide, so sampling without top-p
     # lands outside the 0.5-nucleus often.
     assert tokens_outside_the_nucleus(model, prompts, engine.generate(prompts, top_p=1.0, **settings)) > 10
+
+
+def test_a_batch_with_more_prompt_tokens_than_a_scheduler_step_holds_is_sampled(model_and_engine):
+    """40 seeded prompts of 300 tokens (12,000 > vLLM's 4,096-token step): with chunked prefill vLLM's CPU
+    runner failed rewinding a seeded generator ("CPU Generator does not use offset")."""
+    _, engine, _, eos = model_and_engine
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 20, (300,), generator=generator).tolist() for _ in range(40)]
+    batch = engine.generate(prompts, n=1, temperature=0.8, top_p=0.9, max_new_tokens=4, eos_token_id=eos, seed=3)
+    assert sorted(set(batch.prompt_index)) == list(range(40)) and all(batch.response_ids)

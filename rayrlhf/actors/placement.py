@@ -3,13 +3,14 @@ and groups of ranks that form one torch.distributed group."""
 import logging
 import os
 import socket
-from typing import Any, List
+from pathlib import Path
+from typing import Any, Dict, List, Optional
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rayrlhf.config import ResourcesConfig
+from rayrlhf.config import ResourcesConfig, RunConfig
 from rayrlhf.errors import ConfigError
 
 READY_TIMEOUT_S = 120
@@ -100,11 +101,12 @@ def where_actors_run(group: PlacementGroup, resources: ResourcesConfig) -> List[
 
 
 def start_actor(actor_class, group: PlacementGroup, bundle_index: int, resources: ResourcesConfig, *args,
-                max_restarts: int = 0) -> Any:
-    """Start `actor_class` (a plain class) as a Ray actor in bundle `bundle_index` of `group`; Ray restarts it
-    in the same bundle up to `max_restarts` times if its process dies."""
+                max_restarts: int = 0, environment: Optional[Dict[str, str]] = None) -> Any:
+    """Start `actor_class` (a plain class) as a Ray actor in bundle `bundle_index` of `group`, its process given
+    `environment`; Ray restarts it in the same bundle up to `max_restarts` times if its process dies."""
     remote = ray.remote(actor_class).options(
         max_restarts=max_restarts,
+        runtime_env={"env_vars": environment or {}},
         num_cpus=resources.cpus_per_actor,
         num_gpus=bundle(resources).get("GPU", 0),
         scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle_index),
@@ -112,18 +114,31 @@ def start_actor(actor_class, group: PlacementGroup, bundle_index: int, resources
     return remote.remote(*args)
 
 
-def prepare_actor_process(resources: ResourcesConfig) -> None:
-    """Per actor process: torch threads to match the CPUs reserved, and quiet library loggers."""
+def prepare_actor_process(config: RunConfig, name: str) -> None:
+    """Per actor process: torch threads (resources.torch_threads, else every core this process may use: the
+    phases of a round run one at a time), and logs: the console gets what config.log_level lets through, the
+    file run_dir/logs/NAME.log the rest (rayrlhf/logs.py)."""
     import torch
 
+    from rayrlhf.logs import configure_logging
+
+    resources = config.resources
     if resources.device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed then skips probing for a GPU (and warning)
-    torch.set_num_threads(max(1, int(resources.cpus_per_actor)))
-    for name in ("DeepSpeed", "transformers", "datasets"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    torch.set_num_threads(resources.torch_threads or len(os.sched_getaffinity(0)))
+    configure_logging(Path(config.run_dir) / "logs" / f"{name}.log", config.log_level)
 
 
-class RankActor:
+class MemoryReporting:
+    """Base for every actor: its process's peak memory (rayrlhf/memory.py)."""
+
+    def peak_memory_gb(self) -> float:
+        from rayrlhf.memory import peak_memory_gb
+
+        return peak_memory_gb(self.config.resources.device)
+
+
+class RankActor(MemoryReporting):
     """Base for actors that are one rank of a process group: says where its rank 0 can be reached."""
 
     def rendezvous_address(self):

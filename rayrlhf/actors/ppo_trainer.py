@@ -14,6 +14,7 @@ from rayrlhf.data.batches import encode_prompts, end_token_id
 from rayrlhf.data.reward_data import task_tokenizer
 from rayrlhf.data.rollouts import Rollout
 from rayrlhf.faults import inject_fault
+from rayrlhf.memory import releasing_memory
 from rayrlhf.models.build import build_causal_lm, build_reward_model, load_tokenizer, save_model
 from rayrlhf.training.distributed import init_distributed, teardown_distributed
 from rayrlhf.training.ppo_learner import PPOLearner
@@ -25,7 +26,7 @@ from rayrlhf.actors.weight_sync import (BroadcastGroup, TensorSlot, distinct_ten
 
 class PPOTrainer(RankActor):
     def __init__(self, config: RunConfig, rank: int, world_size: int):
-        prepare_actor_process(config.resources)
+        prepare_actor_process(config, f"ppo_trainer_{rank}")
         self.config, self.rank, self.world_size = config, rank, world_size
         self.tokenizer = load_tokenizer(config.policy, task_tokenizer(config.data, config.seed))
         self.learner: Optional[PPOLearner] = None
@@ -33,6 +34,7 @@ class PPOTrainer(RankActor):
     def join_process_group(self, master_addr: str, master_port: int) -> None:
         init_distributed(self.config.resources.device, self.rank, self.world_size, master_port, master_addr)
 
+    @releasing_memory
     def build(self, critic_weights: Optional[Dict[str, torch.Tensor]], reference_folder: Optional[str]) -> None:
         """Policy from config.policy; critic from the RM's weights (or the policy's backbone with a fresh
         head); the reference is the policy as built, or the saved one when resuming."""
@@ -53,6 +55,7 @@ class PPOTrainer(RankActor):
         share = len(items) // self.world_size
         return list(items[self.rank * share : (self.rank + 1) * share])
 
+    @releasing_memory
     def sft_step(self, prompts: Sequence[str], responses: Sequence[str]) -> Dict[str, float]:
         """One supervised step on this rank's share of (prompt, response) texts; the response ends with eos."""
         limit = self.config.data.max_response_tokens - 1
@@ -63,6 +66,7 @@ class PPOTrainer(RankActor):
     def end_sft(self) -> None:
         self.learner.end_sft()
 
+    @releasing_memory
     def ppo_step(self, rollout: Rollout, scores: List[float], kl_coefficient: float, seed: int, round_index: int) -> Dict[str, float]:
         """One PPO step on this rank's share of the rollout; returns metrics averaged over ranks."""
         inject_fault("ppo_step", round_index, self.config.run_dir)

@@ -13,6 +13,7 @@ import torch
 from rayrlhf.checkpoints import read_files, write_files
 from rayrlhf.config import RunConfig
 from rayrlhf.data.batches import collate_groups, encode_prompt_response, pad_right
+from rayrlhf.memory import releasing_memory
 from rayrlhf.data.reward_data import group_batches, prepare_reward_data, task_tokenizer
 from rayrlhf.models.build import load_tokenizer
 from rayrlhf.training.distributed import init_distributed, teardown_distributed
@@ -27,7 +28,7 @@ MetaGroups = List[Tuple[str, List[str]]]
 
 class RewardLearner(RankActor):
     def __init__(self, config: RunConfig, rank: int, world_size: int):
-        prepare_actor_process(config.resources)
+        prepare_actor_process(config, f"reward_learner_{rank}")
         self.config, self.rank, self.world_size = config, rank, world_size
         self.tokenizer = load_tokenizer(config.reward_model, task_tokenizer(config.data, config.seed))
         self.pad_id = self.tokenizer.pad_token_id
@@ -35,6 +36,7 @@ class RewardLearner(RankActor):
         self.data = prepare_reward_data(config.data, self.tokenizer, config.reward.samples_per_prompt, fixed_meta, config.seed)
         self.trainer: Optional[RewardModelTrainer] = None
 
+    @releasing_memory  # what loading the model took beyond the model itself
     def join_process_group(self, master_addr: str, master_port: int) -> None:
         """Form the group with the other ranks, then build the engine (DeepSpeed needs the group)."""
         init_distributed(self.config.resources.device, self.rank, self.world_size, master_port, master_addr)
@@ -49,6 +51,7 @@ class RewardLearner(RankActor):
         return encode_prompt_response(self.tokenizer, prompt, response, data.max_prompt_tokens, data.max_response_tokens)
 
     # ---- training ------------------------------------------------------------------------------
+    @releasing_memory
     def train_initial(self) -> Dict[str, float]:
         """Vanilla Bradley-Terry epochs on the preference data (before round 1)."""
         reward = self.config.reward
@@ -81,6 +84,7 @@ class RewardLearner(RankActor):
 
         return advance
 
+    @releasing_memory
     def train_round(self, round_index: int, meta_groups: Optional[MetaGroups]) -> Dict[str, float]:
         """This round's RM training: MetaRM with the given meta data (or the fixed data.meta), or vanilla."""
         reward = self.config.reward
@@ -88,6 +92,7 @@ class RewardLearner(RankActor):
         history = self._train(self.config.seed * 1000 + round_index, reward.epochs, meta_groups, progress)
         return _summary(history, "rm")
 
+    @releasing_memory
     def train_epoch(self, epoch: int) -> Dict[str, float]:
         """Epoch `epoch` (from 1) on the fixed data (a Tune trial of the RM phase), seeded by the epoch alone so
         a trial resumed from its checkpoint trains the later epochs as an uninterrupted one would."""
@@ -106,6 +111,7 @@ class RewardLearner(RankActor):
                            world_size=self.world_size, seed=seed, meta_batches=meta_batches, on_step=progress)
 
     # ---- scoring and evaluation --------------------------------------------------------------------
+    @releasing_memory
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> List[float]:
         """r(x, y) for every (prompt, response). Each rank scores an equal contiguous share (the last item
         repeated to fill it, so ZeRO-3 ranks run the same number of passes); all ranks return the whole list."""
@@ -130,12 +136,14 @@ class RewardLearner(RankActor):
             scores = torch.cat(gathered)
         return scores[:count].tolist()
 
+    @releasing_memory
     def evaluate(self) -> Dict[str, float]:
         """Held-out and target accuracy on the whole evaluation sets (every rank computes the same)."""
         size = self.config.reward.eval_batch_size
         progress = self._bar("evaluating the RM", evaluation_batch_count(self.data, size))
         return evaluate_reward_data(self.trainer, self.data, size, self.pad_id, progress)
 
+    @releasing_memory
     def group_scores(self, meta_groups: MetaGroups) -> List[List[float]]:
         """(P, k) rewards of response groups, eval_batch_size sequences per forward pass."""
         groups = [[self._encode(p, r) for r in responses] for p, responses in meta_groups]

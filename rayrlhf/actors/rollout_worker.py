@@ -12,21 +12,22 @@ from typing import Dict, List
 import ray
 import torch
 
-from rayrlhf.actors.placement import prepare_actor_process
+from rayrlhf.actors.placement import MemoryReporting, prepare_actor_process
 from rayrlhf.actors.weight_sync import BroadcastGroup, TensorSlot, bucket_from_object_store, open_shared, unpack_bucket
 from rayrlhf.config import RunConfig
 from rayrlhf.data.batches import encode_prompts, end_token_id
 from rayrlhf.data.reward_data import task_tokenizer
 from rayrlhf.data.rollouts import Rollout
 from rayrlhf.faults import inject_fault
+from rayrlhf.memory import release_free_memory, releasing_memory
 from rayrlhf.models.build import build_causal_lm, load_tokenizer, save_model
 from rayrlhf.models.generation import TransformersEngine
 from rayrlhf.models.vllm_engine import VLLMEngine, choose_engine
 
 
-class RolloutWorker:
+class RolloutWorker(MemoryReporting):
     def __init__(self, config: RunConfig, worker_index: int):
-        prepare_actor_process(config.resources)
+        prepare_actor_process(config, f"rollout_worker_{worker_index}")
         self.config, self.worker_index = config, worker_index
         self.tokenizer = load_tokenizer(config.policy, task_tokenizer(config.data, config.seed))
         model = build_causal_lm(config.policy, self.tokenizer, seed=config.seed).to(config.resources.device)
@@ -42,10 +43,13 @@ class RolloutWorker:
                 compiled = config.resources.device == "cuda"
             self.engine = VLLMEngine(f"{self.model_folder}/policy", device=config.resources.device,
                                      dtype=config.policy.dtype, seed=config.seed, max_model_len=max_model_len,
-                                     in_process=config.rollout.vllm_in_process, compiled=compiled)
+                                     in_process=config.rollout.vllm_in_process, compiled=compiled,
+                                     kv_cache_gb=config.rollout.vllm_kv_cache_gb)
         else:
             self.engine = TransformersEngine(model, self.tokenizer.pad_token_id)
         self.weights_version = -1
+        del model
+        release_free_memory()  # vLLM holds its own copy: the one built here (0.5 GiB for SmolLM2) goes back
 
     def ready(self) -> bool:
         """Answers once the worker (or its restarted self) is up."""
@@ -57,6 +61,7 @@ class RolloutWorker:
         self.weights_version = version
         return version
 
+    @releasing_memory
     def load_weight_buckets(self, buckets: List[ray.ObjectRef], version: int) -> int:
         """Take the policy from the object store, bucket by bucket (rayrlhf/actors/weight_sync.py)."""
         weights = {}
@@ -65,6 +70,7 @@ class RolloutWorker:
             weights.update(unpack_bucket(bucket_from_object_store(array), slots))
         return self.load_weights(weights, version)
 
+    @releasing_memory
     def load_shared_buckets(self, handles: List[tuple], version: int) -> int:
         """Take the policy from the trainer's GPU memory through CUDA IPC handles (same GPU)."""
         weights = {}
@@ -77,6 +83,7 @@ class RolloutWorker:
     def join_weight_group(self, address: str, port: int, member: int, members: int) -> None:
         self.weight_group = BroadcastGroup(address, port, member, members, self.config.resources.device)
 
+    @releasing_memory
     def receive_policy(self, plan: List[List[TensorSlot]], version: int) -> int:
         """Take the policy from the trainer's broadcast."""
         return self.load_weights(self.weight_group.receive(plan), version)

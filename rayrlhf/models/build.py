@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -25,6 +26,7 @@ from transformers import (
 
 from rayrlhf.config import ModelSpec
 from rayrlhf.errors import ModelSourceError
+from rayrlhf.memory import ModelShape
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -113,6 +115,23 @@ def tiny_llama_config(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> Ll
         tie_word_embeddings=False,
         num_labels=1,
     )
+
+
+def model_shape(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, causal: bool) -> ModelShape:
+    """Parameter count and sizes of the model a spec builds (a causal LM, or a scalar-head model), read from its
+    config and a copy built on the meta device: no weights are loaded."""
+    if spec.source == "tiny":
+        config = tiny_llama_config(spec, tokenizer)
+    else:
+        location, gguf_file = resolve_source(spec)
+        config = _from_pretrained(AutoConfig, location, gguf_file, spec)
+    config.num_labels = 1
+    factory = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    with torch.device("meta"):
+        model = factory.from_config(config)
+    return ModelShape(parameters=sum(p.numel() for p in model.parameters()), layers=config.num_hidden_layers,
+                      hidden=config.hidden_size, intermediate=getattr(config, "intermediate_size", 4 * config.hidden_size),
+                      heads=config.num_attention_heads, vocab=config.vocab_size, bytes_per_value=torch.finfo(_dtype(spec)).bits // 8)
 
 
 def _dtype(spec: ModelSpec) -> torch.dtype:

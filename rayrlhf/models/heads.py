@@ -13,7 +13,8 @@ def _score_head(model: PreTrainedModel) -> torch.nn.Module:
 
 def _hidden_states(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, T, H) last hidden states of the model's backbone."""
-    return model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    # use_cache=False: a scoring or training pass has no later step to reuse keys and values for
+    return model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -46,15 +46,15 @@ class VLLMEngine:
     """One vLLM engine over a transformers model folder (the policy as built, later updated in place)."""
 
     def __init__(self, model_folder: str, *, device: str, dtype: str, seed: int, max_model_len: int,
-                 in_process: bool = False, compiled: bool = False):
+                 in_process: bool = False, compiled: bool = False, kv_cache_gb: float = KV_CACHE_GIB_ON_CPU):
         # In-process mode runs the engine core in this process: no process to pin a core or to ship weights to.
         self.in_process = in_process
         # On CPU, top-p by rayrlhf's filter (rayrlhf/models/vllm_nucleus.py) instead of vLLM's whole-vocabulary
         # sort; on GPU vLLM's own top-p kernels are kept.
         self.top_p_by_rayrlhf = device == "cpu"
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
-        if device == "cpu":
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(KV_CACHE_GIB_ON_CPU))
+        # On CPU a fixed KV cache (vLLM would otherwise take most of the node's memory); on GPU vLLM sizes it.
+        kv_cache = {"kv_cache_memory_bytes": int(kv_cache_gb * 2**30)} if device == "cpu" else {}
         from vllm import LLM
 
         self.llm = LLM(
@@ -64,8 +64,13 @@ class VLLMEngine:
             enforce_eager=not compiled,  # eager starts in seconds; compiled takes most of a minute on CPU
             skip_tokenizer_init=True,  # token ids in and out; text is decoded by the worker's tokenizer
             max_model_len=max_model_len,
+            # On CPU no prompt is split over scheduler steps: vLLM rewinds a seeded request's generator after a
+            # partial prefill, which CPU generators cannot do ("CPU Generator does not use offset"); it crashed
+            # once a batch's prompts held more tokens than one step's budget (4096).
+            enable_chunked_prefill=device != "cpu",
             worker_extension_cls=f"{__name__}.WeightReceiver",
             logprobs_mode="raw_logprobs",  # log π of the model itself, as the trainer computes it
+            **kv_cache,
             logits_processors=["rayrlhf.models.vllm_nucleus:NucleusFilter"] if self.top_p_by_rayrlhf else None,
         )
 

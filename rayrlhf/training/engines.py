@@ -26,6 +26,12 @@ def deepspeed_config(micro_batch_size: int, zero_stage: int, bf16: bool, max_gra
     }
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """transformers' activation checkpointing, the non-reentrant form (it works with inputs that need no
+    gradient). Active in train mode only. Not for MetaRM's second-order step (reward_trainer refuses it)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def accumulate_gradients(engine, count: int, weighted_loss: Callable[[int], torch.Tensor]) -> None:
     """Backward of `weighted_loss(i)` for micro-batches i = 0..count-1, gradients summed in the engine; the
     ranks' gradients are reduced once, after the last. The caller then steps (or reads the gradients).

@@ -38,7 +38,7 @@ from rayrlhf.data.batches import TokenIds, micro_batch_slices
 from rayrlhf.data.rollouts import Rollout, SequenceBatch, collate_sequences
 from rayrlhf.models.heads import token_values
 from rayrlhf.training.distributed import average_across_ranks
-from rayrlhf.training.engines import accumulate_gradients, deepspeed_config
+from rayrlhf.training.engines import accumulate_gradients, deepspeed_config, enable_gradient_checkpointing
 
 
 def build_engine(model: nn.Module, lr: float, micro_batch_size: int, zero_stage: int, max_grad_norm: float):
@@ -47,18 +47,26 @@ def build_engine(model: nn.Module, lr: float, micro_batch_size: int, zero_stage:
     from rayrlhf.training.safe_checkpoints import use_safetensors_checkpoints
 
     bf16 = next(model.parameters()).dtype == torch.bfloat16
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)  # one kernel per update
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                       config=deepspeed_config(micro_batch_size, zero_stage, bf16, max_grad_norm))
     use_safetensors_checkpoints(engine)
     return engine
 
 
-def response_log_probs(model: nn.Module, batch: SequenceBatch):
-    """(log π(response tokens), entropy), both (B, R), from one forward pass over prompt+response."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, L, V)
-    at_responses = logits.gather(1, batch.response_positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-    return gather_log_probs(at_responses, batch.response_tokens), entropy_from_logits(at_responses)
+def response_log_probs(model: nn.Module, batch: SequenceBatch, with_entropy: bool = True):
+    """(log π(response tokens), entropy or None), both (B, R), from one forward pass over prompt+response.
+
+    The LM head runs only from the first position that predicts a response token on (transformers'
+    logits_to_keep): the (B, L, V) logits of the prompts are never formed.
+    """
+    first = int(batch.response_positions.min())
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                   logits_to_keep=batch.input_ids.shape[1] - first).logits  # (B, L - first, V)
+    positions = (batch.response_positions - first).unsqueeze(-1).expand(-1, -1, logits.shape[-1])
+    at_responses = logits.gather(1, positions)  # (B, R, V)
+    entropy = entropy_from_logits(at_responses) if with_entropy else None
+    return gather_log_probs(at_responses, batch.response_tokens), entropy
 
 
 def response_values(critic: nn.Module, batch: SequenceBatch) -> torch.Tensor:
@@ -84,6 +92,9 @@ class PPOLearner:
         take settings.micro_batch_size and settings.forward_micro_batch_size rows."""
         self.settings, self.pad_id, self.micro_batch_size = settings, pad_id, micro_batch_size
         self.forward_rows = settings.forward_micro_batch_size or settings.micro_batch_size
+        if settings.gradient_checkpointing:
+            enable_gradient_checkpointing(policy)
+            enable_gradient_checkpointing(critic)
         self.policy = build_engine(policy.to(device), settings.policy_lr, micro_batch_size, settings.zero_stage, settings.max_grad_norm)
         self.critic = build_engine(critic.to(device), settings.critic_lr, micro_batch_size, settings.zero_stage, settings.max_grad_norm)
         self.device = self.policy.device
@@ -104,7 +115,7 @@ class PPOLearner:
         batch = collate_sequences(prompt_ids, response_ids, self.pad_id).to(self.device)
 
         def loss_of(part: SequenceBatch, rows: slice):
-            log_probs, _ = response_log_probs(self.policy, part)
+            log_probs, _ = response_log_probs(self.policy, part, with_entropy=False)
             return -masked_mean(log_probs, part.response_mask.float()), {}
 
         loss = self._accumulated_step(self.policy, batch, batch.response_mask.float(), loss_of)["loss"]
@@ -131,7 +142,8 @@ class PPOLearner:
         self.policy.eval()
         self.critic.eval()
         old_log_probs, entropy = forward_in_micro_batches(lambda part: response_log_probs(self.policy, part), batch, self.forward_rows)
-        reference_log_probs, _ = forward_in_micro_batches(lambda part: response_log_probs(self.reference, part), batch, self.forward_rows)
+        (reference_log_probs,) = forward_in_micro_batches(lambda part: response_log_probs(self.reference, part, False)[:1],
+                                                          batch, self.forward_rows)
         (values,) = forward_in_micro_batches(lambda part: response_values(self.critic, part), batch, self.forward_rows)
         kl = kl_estimate(old_log_probs, reference_log_probs, settings.kl_estimator) * mask
         rewards = token_level_rewards(clip_rewards(scores.to(self.device), settings.reward_clip), kl, mask, kl_coefficient)
@@ -168,7 +180,7 @@ class PPOLearner:
         settings, mask = self.settings, part["mask"]
 
         def policy_loss_of(micro: SequenceBatch, rows: slice):
-            log_probs, _ = response_log_probs(self.policy, micro)
+            log_probs, _ = response_log_probs(self.policy, micro, with_entropy=False)
             return clipped_policy_loss(log_probs, part["old_log_probs"][rows], part["advantages"][rows], mask[rows],
                                        settings.clip_range)
 

@@ -30,7 +30,7 @@ from rayrlhf.data.reward_data import RewardData, TokenisedPair, preference_batch
 from rayrlhf.models.build import build_reward_model, save_model
 from rayrlhf.models.heads import reward_scores
 from rayrlhf.training.distributed import average_across_ranks
-from rayrlhf.training.engines import accumulate_gradients, deepspeed_config
+from rayrlhf.training.engines import accumulate_gradients, deepspeed_config, enable_gradient_checkpointing
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class RewardModelTrainer:
         device: str = "cpu",
         ascent_rounding: str = "stochastic",
         seed: int = 0,
+        gradient_checkpointing: bool = False,
     ):
         import deepspeed
 
@@ -79,13 +80,20 @@ class RewardModelTrainer:
         if order == "second":
             # Hessian-vector products differentiate the backward pass; fused SDPA kernels have no double backward.
             model.set_attn_implementation("eager")
+        if order == "second" and gradient_checkpointing:
+            # measured: the Hessian-vector products through recomputed activations came out wrong (a tiny RM's
+            # parameters 0.05 off the exact second-order step), so the two are not combined
+            raise ValueError("the second-order MetaRM update cannot run with gradient checkpointing")
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         self.parameter_dtype = next(model.parameters()).dtype
         bf16 = self.parameter_dtype == torch.bfloat16
         # round_to_dtype rounds stochastically only into bfloat16; float32 ascents are exact either way.
         self.stochastic_rounding = ascent_rounding == "stochastic" and bf16
         module = RewardModule(model).to(device)
         # A torch optimizer: no JIT build of DeepSpeed's Adam ops (see STACK.md, gpu/README.md).
-        optimizer = torch.optim.AdamW(module.parameters(), lr=alpha, weight_decay=weight_decay, eps=adam_eps)
+        # fused: one kernel for the whole update (on 2 CPU cores a 30M-parameter step took 107 ms unfused, 16 fused)
+        optimizer = torch.optim.AdamW(module.parameters(), lr=alpha, weight_decay=weight_decay, eps=adam_eps, fused=True)
         self.engine, *_ = deepspeed.initialize(
             model=module,
             optimizer=optimizer,
@@ -346,6 +354,7 @@ def build_reward_trainer(config: RunConfig, tokenizer, world_size: int) -> Rewar
         device=config.resources.device,
         ascent_rounding=reward.ascent_rounding,
         seed=config.seed,
+        gradient_checkpointing=reward.gradient_checkpointing,
     )
 
 

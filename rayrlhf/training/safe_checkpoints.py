@@ -48,10 +48,10 @@ def _allowed_class(name: str) -> type:
 
 
 def encode(value: Any, tensors: Dict[str, torch.Tensor], where: str = "state") -> Any:
-    """A JSON-able description of `value`; its tensors are added to `tensors` (copied to CPU, unshared)."""
+    """A JSON-able description of `value`; its tensors are added to `tensors` (as they are: see writable)."""
     if isinstance(value, torch.Tensor):
         name = str(len(tensors))
-        tensors[name] = value.detach().to("cpu", copy=True).contiguous()
+        tensors[name] = value.detach()
         return {"tensor": name}
     if isinstance(value, enum.Enum):
         return {"enum": _qualified_name(type(value)), "value": value.value}
@@ -102,10 +102,25 @@ def _hashable(key: Any) -> Any:
     return tuple(key) if isinstance(key, list) else key
 
 
+def writable(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The tensors as safetensors writes them: on CPU, contiguous, each alone on its whole storage. Only those
+    that are not get copied: a CPU run's checkpoint then holds no second copy of the optimizer in memory
+    (a SmolLM2 PPO rank reached 7.1 GB saving when every tensor was copied)."""
+    storages, result = set(), {}
+    for name, tensor in tensors.items():
+        storage = tensor.untyped_storage()
+        alone = (tensor.device.type == "cpu" and tensor.is_contiguous() and storage.data_ptr() not in storages
+                 and storage.nbytes() == tensor.numel() * tensor.element_size())
+        result[name] = tensor if alone else tensor.to("cpu", copy=True).contiguous()
+        if result[name].untyped_storage().data_ptr():  # size 0 tensors share the null pointer harmlessly
+            storages.add(result[name].untyped_storage().data_ptr())
+    return result
+
+
 def save_state(state: Any, path: str) -> None:
     tensors: Dict[str, torch.Tensor] = {}
     structure = encode(state, tensors)
-    save_file(tensors, path, metadata={STRUCTURE_KEY: json.dumps(structure)})
+    save_file(writable(tensors), path, metadata={STRUCTURE_KEY: json.dumps(structure)})
 
 
 def load_state(path: str) -> Any:
@@ -142,7 +157,7 @@ class SafetensorsCheckpointEngine(CheckpointEngine):
         return True
 
     def preserves_storage_sharing(self) -> bool:
-        return False  # encode copies every tensor, so DeepSpeed need not clone them first
+        return False  # writable copies what shares storage, so DeepSpeed need not clone anything first
 
 
 def use_safetensors_checkpoints(engine) -> None:

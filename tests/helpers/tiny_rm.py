@@ -45,14 +45,14 @@ def global_batches(rank: int = 0, world_size: int = 1):
     return batches
 
 
-def make_trainer(zero_stage: int, order: str = "first", micro_batch_size=None, meta_micro_batch_size=None):
+def make_trainer(zero_stage: int, order: str = "first", micro_batch_size=None, meta_micro_batch_size=None, **options):
     from rayrlhf.training.reward_trainer import RewardModelTrainer
 
     _, tokenizer = task_and_tokenizer()
     return RewardModelTrainer(
         tiny_reward_model(tokenizer), alpha=ALPHA, eta=ETA, inner_steps=INNER_STEPS, order=order,
         micro_batch_size=micro_batch_size, meta_micro_batch_size=meta_micro_batch_size, zero_stage=zero_stage,
-        adam_eps=ADAM_EPS,
+        adam_eps=ADAM_EPS, **options,
     )
 
 
