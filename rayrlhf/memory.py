@@ -12,8 +12,12 @@ from dataclasses import dataclass
 
 GIB = 2**30
 GRADIENT_BYTES, ADAM_BYTES, MASTER_BYTES = 4, 8, 4  # per parameter: fp32 gradient, two fp32 Adam moments, fp32 master
-ACTIVATION_FACTOR = 1.0
-"""Measured bytes kept for backward over the count activation_bytes assumes (benchmarks/results/memory.md)."""
+ACTIVATION_FACTOR = 0.6
+"""Measured bytes kept for backward over the count activation_bytes makes: 0.56-0.74 for a SmolLM2 RM pass of
+1-4 pairs at 128-448 tokens (benchmarks/results/memory.md); the larger share is taken with PASS_OVERHEAD_GB."""
+PASS_OVERHEAD_GB = 0.3
+"""Memory a training pass needs beyond what activation_bytes counts (autograd's buffers, the allocator's slack):
+with checkpointing, where activation_bytes is small, a SmolLM2 RM pass still took 0.42 GB."""
 LOGIT_COPIES = 3  # logits, their log-softmax and its gradient, float32, at the response positions
 
 
@@ -69,10 +73,16 @@ def weights_bytes(shape: ModelShape) -> int:
     return shape.parameters * shape.bytes_per_value
 
 
-def trained_state_bytes(shape: ModelShape) -> int:
-    """Weights, fp32 gradients and Adam moments, and DeepSpeed's fp32 master weights when they are bfloat16."""
+def optimizer_state_bytes(shape: ModelShape) -> int:
+    """What training holds between steps: weights, Adam's two fp32 moments, and DeepSpeed's fp32 master weights
+    when the weights are bfloat16."""
     master = MASTER_BYTES if shape.bytes_per_value < 4 else 0
-    return shape.parameters * (shape.bytes_per_value + GRADIENT_BYTES + ADAM_BYTES + master)
+    return shape.parameters * (shape.bytes_per_value + ADAM_BYTES + master)
+
+
+def gradient_bytes(shape: ModelShape) -> int:
+    """fp32 gradients: they exist from a step's first backward to its optimizer step (then freed)."""
+    return shape.parameters * GRADIENT_BYTES
 
 
 def activation_bytes(shape: ModelShape, sequences: int, tokens: int, checkpointing: bool) -> int:

@@ -13,12 +13,13 @@ from typing import Dict, List
 
 from rayrlhf.config import RunConfig
 from rayrlhf.errors import ConfigError
-from rayrlhf.memory import GIB, ModelShape, activation_bytes, logits_bytes, trained_state_bytes, weights_bytes
+from rayrlhf.memory import (GIB, PASS_OVERHEAD_GB, ModelShape, activation_bytes, gradient_bytes, logits_bytes,
+                            optimizer_state_bytes, weights_bytes)
 
-# Measured resident memory of a process before its models load (benchmarks/results/memory.md)
-LEARNER_PROCESS_GB = 0.9  # a Ray actor with torch, transformers and DeepSpeed imported, process group formed
-VLLM_WORKER_PROCESS_GB = 1.3  # the same with vLLM's engine in-process, before weights and KV cache
-HF_WORKER_PROCESS_GB = 0.7
+# Resident memory of a process beyond its models' states (benchmarks/results/memory.md)
+LEARNER_PROCESS_GB = 0.9  # torch, transformers, DeepSpeed, a tokenizer: 0.86-0.92 GB measured with SmolLM2
+VLLM_WORKER_PROCESS_GB = 1.8  # vLLM's engine in-process: a SmolLM2 worker held 2.9 GB with 0.5 GB weights, 0.5 KV
+HF_WORKER_PROCESS_GB = 0.9  # not measured apart: taken as a learner's
 OUT_OF_MEMORY_MARGIN = 0.95  # Ray's memory monitor kills workers above 95% of the node's memory
 
 
@@ -55,8 +56,9 @@ def reward_learner_estimate(config: RunConfig, reward_model: ModelShape) -> Acto
     backup = weights_bytes(reward_model) * (reward.inner_steps + 1 if reward.order == "second" else 1) / GIB
     return ActorEstimate(
         "reward learner rank",
-        {"process": LEARNER_PROCESS_GB, "reward model, gradients, Adam": trained_state_bytes(reward_model) / GIB},
-        {"MetaRM's copy of θ": backup if reward.method == "metarm" else 0.0, "activations": activations},
+        {"process": LEARNER_PROCESS_GB, "reward model and Adam": optimizer_state_bytes(reward_model) / GIB},
+        {"gradients": gradient_bytes(reward_model) / GIB, "MetaRM's copy of θ": backup if reward.method == "metarm" else 0.0,
+         "activations": activations + PASS_OVERHEAD_GB},
         {"activations": "reward.micro_batch_size / reward.meta_micro_batch_size, or reward.gradient_checkpointing=true"})
 
 
@@ -71,8 +73,10 @@ def ppo_trainer_estimate(config: RunConfig, policy: ModelShape, critic: ModelSha
     return ActorEstimate(
         "PPO trainer rank",
         {"process": LEARNER_PROCESS_GB, "reference policy": weights_bytes(policy) / GIB,
-         "policy and critic, gradients, Adam": (trained_state_bytes(policy) + trained_state_bytes(critic)) / GIB},
-        {"activations and logits": max(update, no_grad) / GIB},
+         "policy and critic, Adam": (optimizer_state_bytes(policy) + optimizer_state_bytes(critic)) / GIB},
+        # policy and critic step one after the other: one model's gradients at a time
+        {"gradients": max(gradient_bytes(policy), gradient_bytes(critic)) / GIB,
+         "activations and logits": max(update, no_grad) / GIB + PASS_OVERHEAD_GB},
         {"activations and logits": "ppo.micro_batch_size / ppo.forward_micro_batch_size, or ppo.gradient_checkpointing=true"})
 
 

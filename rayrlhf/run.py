@@ -56,18 +56,22 @@ def check_models(config: RunConfig) -> Dict[str, "PreTrainedTokenizerBase"]:  # 
     return tokenizers
 
 
-def check_memory_fits(config: RunConfig, tokenizers: Dict, ray) -> None:
-    """On CPU: the actors' estimated peaks (rayrlhf/memory_plan.py) must fit the memory the cluster has."""
-    from rayrlhf.memory_plan import check_memory, estimate_actors
+def estimate_memory(config: RunConfig, tokenizers: Dict, ray) -> Dict:
+    """Each actor's estimated memory (rayrlhf/memory_plan.py), as JSON-able numbers; on CPU (unless
+    resources.check_memory is off) a ConfigError when the node peak cannot fit the memory the cluster has."""
+    from rayrlhf.memory_plan import check_memory, estimate_actors, node_peak_gb
     from rayrlhf.models.build import model_shape
 
-    if config.resources.device != "cpu" or not config.resources.check_memory:
-        return
     critic = config.reward_model if config.ppo.critic_from_reward_model else config.policy
     shapes = {"policy": model_shape(config.policy, tokenizers["policy"], causal=True),
               "reward_model": model_shape(config.reward_model, tokenizers["reward_model"], causal=False),
               "critic": model_shape(critic, tokenizers["policy"], causal=False)}
-    check_memory(estimate_actors(config, shapes, choose_engine(config.rollout.engine)), available_memory_gb(ray))
+    estimates = estimate_actors(config, shapes, choose_engine(config.rollout.engine))
+    available = available_memory_gb(ray)
+    if config.resources.device == "cpu" and config.resources.check_memory:
+        check_memory(estimates, available)
+    roles = {e.role: {"resident_gb": e.resident, "working_gb": e.working, "peak_gb": e.peak_gb} for e in estimates}
+    return {"node_peak_gb": node_peak_gb(estimates), "available_gb": available, "actors": roles}
 
 
 def available_memory_gb(ray) -> float:
@@ -112,11 +116,13 @@ def run(config: RunConfig, on_round: Optional[Callable[[Dict[str, float]], None]
     prompts = load_prompt_sets(config)
     tokenizers = check_models(config)
     ray = start_ray(config)
-    check_memory_fits(config, tokenizers, ray)
+    memory = estimate_memory(config, tokenizers, ray)
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     configure_logging(run_dir / "logs" / "driver.log", config.log_level)
     save_config(config, run_dir / "config.yaml")
+    # what the actors were expected to need, beside what they used (metrics: peak_memory_gb_*)
+    (run_dir / "memory_estimate.json").write_text(json.dumps(memory, indent=1))
     restarts = 0
     while True:
         actors = start_actors(config, placement, first_bundle)

@@ -13,8 +13,8 @@ import torch
 from rayrlhf.checkpoints import read_files, write_files
 from rayrlhf.config import RunConfig
 from rayrlhf.data.batches import collate_groups, encode_prompt_response, pad_right
-from rayrlhf.memory import releasing_memory
 from rayrlhf.data.reward_data import group_batches, prepare_reward_data, task_tokenizer
+from rayrlhf.memory import releasing_memory
 from rayrlhf.models.build import load_tokenizer
 from rayrlhf.training.distributed import init_distributed, teardown_distributed
 from rayrlhf.training.reward_trainer import (RewardModelTrainer, build_reward_trainer, evaluate_reward_data,

@@ -70,6 +70,7 @@ class VLLMEngine:
             enable_chunked_prefill=device != "cpu",
             worker_extension_cls=f"{__name__}.WeightReceiver",
             logprobs_mode="raw_logprobs",  # log π of the model itself, as the trainer computes it
+            use_tqdm_on_load=False,  # a worker's (re)load is not worth a progress bar on the driver's console
             **kv_cache,
             logits_processors=["rayrlhf.models.vllm_nucleus:NucleusFilter"] if self.top_p_by_rayrlhf else None,
         )
