@@ -52,7 +52,7 @@ def test_missing_model_path():
     assert "./no/such/model" in error_for("reward_model.source=./no/such/model")
 
 
-@pytest.mark.parametrize("name", ["tldr.yaml", "hh.yaml", "rm_tldr.yaml"])
+@pytest.mark.parametrize("name", ["tldr.yaml", "hh.yaml", "rm_tldr.yaml", "tldr_cpu.yaml", "hh_cpu.yaml"])
 def test_real_data_configs_read_the_data_the_repository_ships(name, monkeypatch):
     monkeypatch.chdir(ROOT)  # relative paths are taken from the current directory: the project root
     data = load_config(f"conf/{name}").data

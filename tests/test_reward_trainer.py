@@ -170,10 +170,10 @@ def test_bfloat16_ascents_rounded_to_nearest_vanish_and_stochastically_survive(d
     assert len(warnings[torch.bfloat16, "nearest"]) == 1 and "torch.bfloat16" in warnings[torch.bfloat16, "nearest"][0]
 
 
-def run_ranks(tmp_path, ranks: int, zero_stage: int, *micro_batch_sizes: int):
-    out = tmp_path / f"params_{ranks}_{zero_stage}_{len(micro_batch_sizes)}.pt"
+def run_ranks(tmp_path, ranks: int, zero_stage: int, *micro_batch_sizes: int, order: str = "first"):
+    out = tmp_path / f"params_{ranks}_{zero_stage}_{order}_{len(micro_batch_sizes)}.pt"
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", f"--master_port={free_port()}",
-               str(ROOT / "tests" / "helpers" / "tiny_rm.py"), str(out), str(zero_stage), "first", *map(str, micro_batch_sizes)]
+               str(ROOT / "tests" / "helpers" / "tiny_rm.py"), str(out), str(zero_stage), order, *map(str, micro_batch_sizes)]
     result = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(out)
@@ -186,3 +186,11 @@ def test_two_gloo_ranks_equal_one_rank_at_the_same_global_batch(tmp_path, refere
     assert_close(one, reference_first_order)
     # each rank's 2 pairs one at a time, its 1 meta prompt whole
     assert_close(run_ranks(tmp_path, 2, zero_stage, 1, 1), one, atol=1e-5)
+
+
+@pytest.mark.parametrize("order", ["vanilla", "second"])
+def test_two_ranks_in_micro_batches_equal_one_rank_whole(tmp_path, order):
+    """Vanilla and second-order MetaRM steps: 2 ranks, each its 2 pairs one at a time, against 1 rank's whole
+    batch (first order: test_two_gloo_ranks_equal_one_rank_at_the_same_global_batch)."""
+    one = run_ranks(tmp_path, 1, 0, order=order)
+    assert_close(run_ranks(tmp_path, 2, 0, 1, 1, order=order), one, atol=1e-5)

@@ -2,7 +2,7 @@
 
     python -m torch.distributed.run --nproc_per_node N tests/helpers/tiny_rm.py OUT.pt ZERO_STAGE ORDER [MICRO META_MICRO]
 
-runs STEPS MetaRM steps on the global batches (each rank its share, in micro-batches of MICRO pairs and
+runs STEPS MetaRM steps (ORDER first or second; `vanilla`: vanilla steps) on the global batches (each rank its share, in micro-batches of MICRO pairs and
 META_MICRO meta prompts when given) and has rank 0 save the parameters.
 """
 import sys
@@ -63,9 +63,9 @@ def main(out: str, zero_stage: int, order: str, micro_batch_size=None, meta_micr
 
     init_distributed("cpu")
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    trainer = make_trainer(zero_stage, order, micro_batch_size, meta_micro_batch_size)
+    trainer = make_trainer(zero_stage, "first" if order == "vanilla" else order, micro_batch_size, meta_micro_batch_size)
     for preference, meta in global_batches(rank, world_size):
-        trainer.metarm_step(preference, meta)
+        trainer.vanilla_step(preference) if order == "vanilla" else trainer.metarm_step(preference, meta)
     parameters = trainer.full_parameters()
     if rank == 0:
         torch.save(parameters, out)
