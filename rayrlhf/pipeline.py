@@ -169,7 +169,8 @@ class Pipeline:
             return {}
         rng = random.Random(stage_seed(self.config.seed, 0, 0, 1))
         losses = []
-        for step in tqdm(range(sft.steps), desc="SFT warm-up", file=sys.stderr, leave=False):
+        # mininterval: where stderr is a file or a pipe, each redraw is a line of its own
+        for step in tqdm(range(sft.steps), desc="SFT warm-up", file=sys.stderr, leave=False, mininterval=1.0):
             batch = rng.sample(self.prompts.sft, sft.batch_size)
             losses.append(trainer.call_first("sft_step", [p for p, _ in batch], [r for _, r in batch])["sft_loss"])
             self.metrics.log("sft", step + 1, {"sft_loss": losses[-1]})

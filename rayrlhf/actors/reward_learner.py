@@ -69,9 +69,9 @@ class RewardLearner(RankActor):
         return None if bar is None else lambda step, values: bar()
 
     def _bar(self, description: str, total: int) -> Optional[Callable[[], None]]:
-        """A progress bar of `total` items shown by the driver (rank 0 only): returns the call that advances it
-        by one, closing it at the last."""
-        if self.rank != 0 or total <= 0:
+        """A progress bar of `total` items shown by the driver (rank 0 only, and only for more than one item):
+        returns the call that advances it by one, closing it at the last."""
+        if self.rank != 0 or total <= 1:
             return None
         from ray.experimental.tqdm_ray import tqdm
 
@@ -121,12 +121,15 @@ class RewardLearner(RankActor):
         mine = padded[self.rank * share : (self.rank + 1) * share]
         sequences = [self._encode(prompts[i], responses[i]) for i in mine]
         size = self.config.reward.eval_batch_size
+        progress = self._bar("scoring", -(-len(sequences) // size))
         local = []
         self.trainer.engine.eval()
         with torch.no_grad():
             for start in range(0, len(sequences), size):
                 ids, mask = pad_right(sequences[start : start + size], self.pad_id)
                 local.append(self.trainer.rewards(ids, mask).float().cpu())
+                if progress:
+                    progress()
         scores = torch.cat(local)
         if self.world_size > 1:
             import torch.distributed as dist
@@ -149,7 +152,7 @@ class RewardLearner(RankActor):
         groups = [[self._encode(p, r) for r in responses] for p, responses in meta_groups]
         size = groups_per_pass(self.config.reward.eval_batch_size, groups)
         batches = [collate_groups(groups[i : i + size], self.pad_id) for i in range(0, len(groups), size)]
-        return self.trainer.group_rewards(batches).tolist()
+        return self.trainer.group_rewards(batches, self._bar("scoring response groups", len(batches))).tolist()
 
     # ---- weights and checkpoints -------------------------------------------------------------------
     def critic_weights(self) -> Dict[str, torch.Tensor]:
