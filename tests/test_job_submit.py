@@ -32,9 +32,24 @@ def job_env():
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port})
     try:
-        yield {**child_env(), "RAY_ADDRESS": f"http://127.0.0.1:{dashboard_port}", "RAY_AUTH_MODE": "token"}
+        env = {**child_env(), "RAY_ADDRESS": f"http://127.0.0.1:{dashboard_port}", "RAY_AUTH_MODE": "token"}
+        wait_for_the_job_agent(env)
+        yield env
     finally:
         cluster.shutdown()
+
+
+def wait_for_the_job_agent(env: dict, timeout_s: float = 180) -> None:
+    """Submit trivial jobs until one is accepted: on a busy machine the head's dashboard agent registers some
+    seconds after the head is up, and a job submitted before then is refused ("No available agent to submit
+    job", seen in CI), which is not what these tests are about."""
+    deadline = time.time() + timeout_s
+    while True:
+        result = ray_job(env, "submit", "--", sys.executable, "-c", "pass", timeout=120)
+        if result.returncode == 0 or time.time() > deadline:
+            assert result.returncode == 0, (result.stdout + result.stderr)[-2000:]
+            return
+        time.sleep(2)
 
 
 def ray_job(env: dict, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:

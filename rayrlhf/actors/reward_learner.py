@@ -152,7 +152,7 @@ class RewardLearner(RankActor):
         groups = [[self._encode(p, r) for r in responses] for p, responses in meta_groups]
         size = groups_per_pass(self.config.reward.eval_batch_size, groups)
         batches = [collate_groups(groups[i : i + size], self.pad_id) for i in range(0, len(groups), size)]
-        return self.trainer.group_rewards(batches, self._bar("scoring response groups", len(batches))).tolist()
+        return self.trainer.group_rewards(batches).tolist()  # a few passes: a bar here would only add lines
 
     # ---- weights and checkpoints -------------------------------------------------------------------
     def critic_weights(self) -> Dict[str, torch.Tensor]:
