@@ -13,7 +13,7 @@ import csv
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from rayrlhf.checkpoints import latest_checkpoint
 from rayrlhf.cli import run_command
@@ -38,7 +38,7 @@ TABLE_COLUMNS = [
 ]
 
 
-def check_models(config: RunConfig) -> Dict[str, "PreTrainedTokenizerBase"]:  # noqa: F821
+def check_models(config: RunConfig) -> Dict[str, Any]:
     """Model sources resolve and, when the critic starts from the RM, policy and RM share a tokenizer. Returns
     each role's tokenizer."""
     from rayrlhf.data.reward_data import task_tokenizer

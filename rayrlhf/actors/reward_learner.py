@@ -12,13 +12,13 @@ import torch
 
 from rayrlhf.checkpoints import read_files, write_files
 from rayrlhf.config import RunConfig
-from rayrlhf.data.batches import collate_groups, encode_prompt_response, pad_right
+from rayrlhf.data.batches import encode_prompt_response, pad_right
 from rayrlhf.data.reward_data import group_batches, prepare_reward_data, task_tokenizer
 from rayrlhf.memory import releasing_memory
 from rayrlhf.models.build import load_tokenizer
 from rayrlhf.training.distributed import init_distributed, teardown_distributed
 from rayrlhf.training.reward_trainer import (RewardModelTrainer, build_reward_trainer, evaluate_reward_data,
-                                             evaluation_batch_count, groups_per_pass, train_steps)
+                                             evaluation_batch_count, group_passes, train_steps)
 
 from rayrlhf.actors.placement import RankActor, prepare_actor_process
 
@@ -150,8 +150,7 @@ class RewardLearner(RankActor):
     def group_scores(self, meta_groups: MetaGroups) -> List[List[float]]:
         """(P, k) rewards of response groups, eval_batch_size sequences per forward pass."""
         groups = [[self._encode(p, r) for r in responses] for p, responses in meta_groups]
-        size = groups_per_pass(self.config.reward.eval_batch_size, groups)
-        batches = [collate_groups(groups[i : i + size], self.pad_id) for i in range(0, len(groups), size)]
+        batches = group_passes(groups, self.config.reward.eval_batch_size, self.pad_id)
         return self.trainer.group_rewards(batches).tolist()  # a few passes: a bar here would only add lines
 
     # ---- weights and checkpoints -------------------------------------------------------------------

@@ -24,7 +24,7 @@ from rayrlhf.algos.metarm import ascent_kept, ascent_sizes, ascent_step, backpro
 from rayrlhf.algos.reward_losses import bradley_terry_loss, difference_loss, preference_accuracy
 from rayrlhf.algos.rewards import reward_difference_statistics
 from rayrlhf.config import RunConfig
-from rayrlhf.data.batches import (PreferenceBatch, ResponseGroupBatch, collate_groups, group_micro_batches,
+from rayrlhf.data.batches import (PreferenceBatch, ResponseGroupBatch, TokenIds, collate_groups, group_micro_batches,
                                   pair_micro_batches)
 from rayrlhf.data.reward_data import RewardData, TokenisedPair, preference_batches
 from rayrlhf.models.build import build_reward_model, save_model
@@ -393,6 +393,12 @@ def groups_per_pass(sequences_per_pass: int, groups: Optional[List[list]]) -> in
     return max(1, sequences_per_pass // len(groups[0])) if groups else 1
 
 
+def group_passes(groups: List[List[TokenIds]], sequences_per_pass: int, pad_id: int) -> List[ResponseGroupBatch]:
+    """Response groups as batches of at most `sequences_per_pass` sequences (one whole group at the least)."""
+    size = groups_per_pass(sequences_per_pass, groups)
+    return [collate_groups(groups[i : i + size], pad_id) for i in range(0, len(groups), size)]
+
+
 def evaluate_reward_data(trainer: RewardModelTrainer, data: RewardData, sequences_per_pass: int, pad_id: int,
                          on_batch: Optional[Callable[[], None]] = None) -> Dict[str, float]:
     """Held-out and target accuracy, and the reward-difference statistics on the meta groups (whole sets, every
@@ -404,7 +410,6 @@ def evaluate_reward_data(trainer: RewardModelTrainer, data: RewardData, sequence
         target = trainer.evaluate_pairs(preference_batches(data.target, pairs, pad_id, 0, 1, None), on_batch)
         results.update({f"target_{k}": v for k, v in target.items()})
     if data.meta:
-        size = groups_per_pass(sequences_per_pass, data.meta)
-        groups = [collate_groups(data.meta[i : i + size], pad_id) for i in range(0, len(data.meta), size)]
+        groups = group_passes(data.meta, sequences_per_pass, pad_id)
         results.update(reward_difference_statistics(trainer.group_rewards(groups, on_batch)))
     return results
