@@ -98,6 +98,8 @@ class SyntheticTask(Schema):
     pairs_per_prompt: int = Field(2, ge=1)
     max_response_words: int = Field(6, ge=2)
     """Longer responses are penalised by the gold reward; the preference data never exceed it."""
+    reference_topic_rate: float = Field(0.4, gt=0, lt=1)
+    """The share of prompt topics among the words of the labelled data's responses (the rest are fillers)."""
 
 
 class DataConfig(Schema):
@@ -186,7 +188,12 @@ class PPOConfig(Schema):
     kl_horizon: int = Field(10000, gt=0)
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)
+    reward_normalization: Literal["none", "running"] = "running"
+    """`running`: each RM score becomes (r - mean) / std, with the mean and standard deviation of every score
+    the round's RM gave so far (this step's included; reset when the RM is retrained), before reward_clip.
+    `none`: raw scores, clipped; an RM whose scores sit beyond ±reward_clip then gives PPO no signal."""
     reward_clip: float = Field(0.8, gt=0)
+    """PPO's sequence reward is clamped to ±reward_clip (after normalisation)."""
     epochs: int = Field(1, gt=0)
     mini_batches: int = Field(1, gt=0)
     rollout_batch_size: int = Field(16, gt=0)

@@ -29,7 +29,7 @@ from rayrlhf.actors.ppo_trainer import PPOTrainer
 from rayrlhf.actors.reward_learner import RewardLearner
 from rayrlhf.actors.rollout_worker import RolloutWorker
 from rayrlhf.algos.kl import AdaptiveKLController, FixedKLController
-from rayrlhf.algos.rewards import gold_pair_accuracy, reward_difference_statistics
+from rayrlhf.algos.rewards import RunningRewardMoments, gold_pair_accuracy, normalize_rewards, reward_difference_statistics
 from rayrlhf.checkpoints import begin_checkpoint, checkpoint_path, commit_checkpoint, latest_checkpoint, read_state
 from rayrlhf.config import RunConfig
 from rayrlhf.logs import actor_environment
@@ -127,6 +127,7 @@ class Pipeline:
         self.task = SyntheticPreferenceTask(config.data.synthetic, config.seed) if config.data.preference.format == "synthetic" else None
         ppo = config.ppo
         self.kl = AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon) if ppo.adaptive_kl else FixedKLController(ppo.kl_coef)
+        self.reward_moments = RunningRewardMoments()
         self.history: List[Dict[str, float]] = []
         self.global_step = 0
         self.weights_version = 0
@@ -221,6 +222,7 @@ class Pipeline:
             bar.update()
 
             step_metrics = []
+            self.reward_moments.reset()  # the RM just changed: its scores have a new scale
             for step in range(1, ppo_steps + 1):
                 bar.set_postfix_str(f"PPO step {step}/{ppo_steps}")
                 step_metrics.append(self.ppo_step(round_index, step))
@@ -312,7 +314,7 @@ class Pipeline:
 
         started = time.perf_counter()
         kl_coefficient = self.kl.value
-        metrics = self.actors.ppo_trainer.call_first("ppo_step", rollout, scores, kl_coefficient,
+        metrics = self.actors.ppo_trainer.call_first("ppo_step", rollout, self.ppo_rewards(scores), kl_coefficient,
                                                      stage_seed(config.seed, round_index, step, 6), round_index)
         timings["ppo_seconds"] = time.perf_counter() - started
         timings["ppo_tokens_per_second"] = rollout.num_tokens * config.ppo.epochs / timings["ppo_seconds"]
@@ -332,6 +334,14 @@ class Pipeline:
         if warning:
             logger.warning(warning)
         return metrics
+
+    def ppo_rewards(self, scores: List[float]) -> List[float]:
+        """The RM's scores as PPO's sequence rewards (before clipping): normalised by the running moments of
+        this round's scores, or as they are."""
+        if self.config.ppo.reward_normalization == "none":
+            return scores
+        self.reward_moments.update(torch.tensor(scores))
+        return normalize_rewards(torch.tensor(scores), self.reward_moments.mean, self.reward_moments.std).tolist()
 
     def sync_weights(self) -> None:
         """Rank 0's policy into every rollout worker, in buckets (rayrlhf/actors/weight_sync.py). The driver

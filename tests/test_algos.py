@@ -25,7 +25,14 @@ from rayrlhf.algos.ppo import (
     generalized_advantage_estimation,
 )
 from rayrlhf.algos.reward_losses import bradley_terry_loss, difference_loss, preference_accuracy
-from rayrlhf.algos.rewards import clip_rewards, reward_difference_statistics, token_level_rewards, whiten
+from rayrlhf.algos.rewards import (
+    RunningRewardMoments,
+    clip_rewards,
+    normalize_rewards,
+    reward_difference_statistics,
+    token_level_rewards,
+    whiten,
+)
 
 
 def sig(x: float) -> float:
@@ -556,3 +563,21 @@ def test_reward_difference_statistics():
     assert stats["reward_difference_variance"] == pytest.approx(2 / 3, rel=1e-12)
     assert stats["reward_difference_mean_abs"] == pytest.approx(2.0, rel=1e-12)
     assert stats["reward_difference_pairs"] == 3
+
+
+def test_running_reward_moments_match_numpy_over_uneven_batches():
+    batches = [torch.tensor([1.0, 2.0, 4.0]), torch.tensor([-3.0]), torch.tensor([0.5, 0.5, 7.0, -1.0])]
+    moments = RunningRewardMoments()
+    for batch in batches:
+        moments.update(batch)
+    everything = torch.cat(batches).double()
+    assert moments.count == 8
+    assert moments.mean == pytest.approx(everything.mean().item())
+    assert moments.std == pytest.approx(everything.std(unbiased=False).item())
+    moments.reset()
+    assert (moments.count, moments.mean, moments.std) == (0, 0.0, 1.0)
+
+
+def test_normalize_rewards_by_hand():
+    # mean 2, std 2: (0 - 2)/2 = -1, (4 - 2)/2 = 1, (5 - 2)/2 = 1.5
+    assert normalize_rewards(torch.tensor([0.0, 4.0, 5.0]), 2.0, 2.0).tolist() == pytest.approx([-1.0, 1.0, 1.5])

@@ -1,5 +1,6 @@
 """Reward shaping and the reward-difference diagnostics of MetaRM."""
-from typing import Dict
+import math
+from typing import Dict, Tuple
 
 import torch
 
@@ -7,6 +8,43 @@ import torch
 def clip_rewards(rewards: torch.Tensor, clip_value: float) -> torch.Tensor:
     """Clamp rewards to [-clip_value, clip_value] (the paper clips at 0.8)."""
     return rewards.clamp(-clip_value, clip_value)
+
+
+def merge_moments(count: int, mean: float, m2: float, values: torch.Tensor) -> Tuple[int, float, float]:
+    """Chan et al.'s parallel update of (n, mean, M2 = Σ(x - mean)²) with a batch of values (any shape)."""
+    batch = values.detach().double().flatten()
+    batch_count = batch.numel()
+    if batch_count == 0:
+        return count, mean, m2
+    batch_mean = batch.mean().item()
+    batch_m2 = ((batch - batch_mean) ** 2).sum().item()
+    total = count + batch_count
+    delta = batch_mean - mean
+    return total, mean + delta * batch_count / total, m2 + batch_m2 + delta**2 * count * batch_count / total
+
+
+def normalize_rewards(scores: torch.Tensor, mean: float, std: float, eps: float = 1e-8) -> torch.Tensor:
+    """(r - mean) / std, the RM's scores on the scale reward_clip assumes (MOSS-RLHF's reward normalisation,
+    before clipping at δ = 0.8). scores: (B,) -> (B,)."""
+    return (scores - mean) / (std + eps)
+
+
+class RunningRewardMoments:
+    """Mean and standard deviation of every RM score seen since the last reset: the driver resets it when
+    the RM changes (each round), so scores are normalised by the statistics of the RM that gave them."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, scores: torch.Tensor) -> None:
+        self.count, self.mean, self.m2 = merge_moments(self.count, self.mean, self.m2, scores)
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / self.count) if self.count else 1.0
 
 
 def whiten(values: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:

@@ -58,10 +58,11 @@ class SyntheticPreferenceTask:
         return relevance - 0.5 * repeats - 1.0 * overlong
 
     def _reference_response(self, rng: random.Random, prompt: str) -> str:
-        """Where the labelled data lives: 1..L words, each a prompt topic with probability 0.4."""
+        """Where the labelled data lives: 1..L words, each a prompt topic with probability reference_topic_rate."""
         wanted = prompt.split()[1:-1]
         length = rng.randint(1, self.task.max_response_words)
-        return " ".join(rng.choice(wanted) if rng.random() < 0.4 else rng.choice(self.fillers) for _ in range(length))
+        rate = self.task.reference_topic_rate
+        return " ".join(rng.choice(wanted) if rng.random() < rate else rng.choice(self.fillers) for _ in range(length))
 
     def _drifted_response(self, rng: random.Random, prompt: str) -> str:
         """Where an over-optimised policy goes: L..2L words, mostly prompt topics, so many repeats."""
