@@ -24,6 +24,11 @@ def checkpoint_path(run_dir: Path, round_index: int) -> Path:
     return checkpoint_root(run_dir) / f"{PREFIX}{round_index:04d}"
 
 
+def round_of(checkpoint: Path) -> int:
+    """The round a checkpoint folder holds (round_0002 -> 2)."""
+    return int(Path(checkpoint).name[len(PREFIX):])
+
+
 def complete_checkpoints(run_dir: Path) -> List[Path]:
     """Finished checkpoints, oldest first (staging folders excluded)."""
     root = checkpoint_root(run_dir)

@@ -100,6 +100,18 @@ class SyntheticTask(Schema):
     """Longer responses are penalised by the gold reward; the preference data never exceed it."""
     reference_topic_rate: float = Field(0.4, gt=0, lt=1)
     """The share of prompt topics among the words of the labelled data's responses (the rest are fillers)."""
+    reference_max_words: Optional[int] = Field(None, ge=1)
+    """The labelled data's responses have 1..reference_max_words words (unset: L = max_response_words). Below
+    L, an SFT policy starts short and lengthening first raises the gold reward."""
+    reference_distractor_rate: float = Field(0.0, ge=0, le=1)
+    """The share of the labelled data's non-topic words that are topics the prompt does not name (worth no
+    more than fillers): with some, the RM must match response topics to the prompt's, not reward any topic."""
+    reference_repeats: bool = True
+    """Whether the labelled data's responses may repeat a word (words drawn with replacement). False: every
+    word distinct, so the labelled data never show the RM what a repeat costs."""
+    drifted_prompts: Optional[int] = Field(None, gt=0)
+    """The drifted pairs and groups (target evaluation, fixed meta data) use the first this-many prompts.
+    Unset: all of them."""
 
 
 class DataConfig(Schema):
@@ -277,6 +289,36 @@ class ResourcesConfig(Schema):
     `ray start --address HEAD --resources '{"rollout_node": 1}'`."""
 
 
+class EvaluationConfig(Schema):
+    """How `python -m rayrlhf.eval RUN_DIR` and the round loop judge policies (rayrlhf/evaluation/)."""
+
+    prompts: int = Field(64, gt=1)
+    """Held-out prompts (from the preference data's evaluation split) each policy answers."""
+    samples_per_prompt: int = Field(1, gt=0)
+    """Responses per held-out prompt and policy; each is judged against the baseline's response of the same index."""
+    judge: Literal["auto", "gold", "reward_model"] = "auto"
+    """Who judges a response: `gold`, the synthetic task's programmatic reward; `reward_model`, the folder in
+    judge_model (a reward model never trained in this run, e.g. one trained on all the preference data);
+    `auto`: gold on the synthetic task, else judge_model when set, else no win rate."""
+    judge_model: Optional[str] = None
+    """A transformers reward-model folder (scalar head) for judge `reward_model`."""
+    tie_margin: float = Field(0.0, ge=0)
+    """A comparison whose judged scores differ by at most this is a tie."""
+    every_rounds: int = Field(0, ge=0)
+    """In the round loop: judge the policy against the initial one on the held-out prompts every this many
+    rounds (metrics win_rate, tie_rate, lose_rate, judge_score, judge_score_initial; needs a gold or judge-model
+    judge). 0: never."""
+    preference_sets: Dict[str, DataSource] = {}
+    """More named preference sets to report the reward models' accuracy on (e.g. an out-of-distribution domain),
+    besides the held-out pairs and data.target_eval."""
+    checkpoint_rounds: bool = False
+    """Also judge the policy of every round checkpoint still in the run dir (see keep_checkpoints), not only the
+    final policy."""
+    embeddings: bool = True
+    """Report diversity as the mean pairwise cosine similarity of all-MiniLM-L6-v2 sentence embeddings (loads the
+    encoder, 90 MB); Self-BLEU is always reported."""
+
+
 class RunConfig(Schema):
     """Everything one run needs. `policy` generates; `reward_model` is trained by MetaRM and scores."""
 
@@ -288,6 +330,7 @@ class RunConfig(Schema):
     rollout: RolloutConfig = RolloutConfig()
     resources: ResourcesConfig = ResourcesConfig()
     sft: SFTConfig = SFTConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
     rounds: int = Field(3, gt=0)
     run_dir: str = "runs/default"
     seed: int = 0
@@ -348,7 +391,20 @@ class RunConfig(Schema):
                 "reward.order='second' needs whole parameters on every rank; ZeRO-3 partitions them. "
                 "Use reward.zero_stage 0-2 or reward.order='first'"
             )
+        self._judge_exists()
         return self
+
+    def _judge_exists(self) -> None:
+        evaluation, synthetic = self.evaluation, self.data.preference.format == "synthetic"
+        if evaluation.judge == "gold" and not synthetic:
+            raise ValueError("evaluation.judge='gold' needs the synthetic task (only it has a programmatic gold reward); "
+                             "set evaluation.judge='reward_model' and evaluation.judge_model to a reward-model folder")
+        if evaluation.judge == "reward_model" and not evaluation.judge_model:
+            raise ValueError("evaluation.judge='reward_model' needs evaluation.judge_model: a reward-model folder never "
+                             "trained in this run (e.g. `python -m rayrlhf.train_rm` on all of the preference data)")
+        if evaluation.every_rounds and not (synthetic or evaluation.judge_model):
+            raise ValueError(f"evaluation.every_rounds={evaluation.every_rounds} needs a judge: the synthetic task's gold "
+                             "reward, or evaluation.judge_model (a reward-model folder)")
 
 
 def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:

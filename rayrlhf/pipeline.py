@@ -36,6 +36,8 @@ from rayrlhf.logs import actor_environment
 from rayrlhf.data.rollouts import Rollout
 from rayrlhf.data.sources import load_preference_pairs, split_by_prompt
 from rayrlhf.data.synthetic import SyntheticPreferenceTask
+from rayrlhf.evaluation.held_out import HeldOutJudging
+from rayrlhf.evaluation.judging import build_judge
 from rayrlhf.metrics import MetricsLogger
 
 import torch
@@ -61,18 +63,20 @@ class PromptSets:
     train: List[str]
     meta: List[str]
     sft: List[Tuple[str, str]]
+    held_out: List[str]
 
 
 def load_prompt_sets(config: RunConfig) -> PromptSets:
     """Read the data once in the driver (errors surface here, before any actor starts)."""
     data = config.data
     pairs = load_preference_pairs(data.preference, data.synthetic, config.seed).pairs
-    train, _ = split_by_prompt(pairs, data.eval_fraction, config.seed)
+    train, evaluation = split_by_prompt(pairs, data.eval_fraction, config.seed)
     train_prompts = list(dict.fromkeys(train["prompt"]))
     meta = train_prompts
     if data.meta_prompts is not None:
         meta = list(dict.fromkeys(load_preference_pairs(data.meta_prompts, data.synthetic, config.seed).pairs["prompt"]))
-    return PromptSets(train_prompts, meta, list(zip(train["prompt"], train["chosen"])))
+    held_out = list(dict.fromkeys(evaluation["prompt"]))[: config.evaluation.prompts]
+    return PromptSets(train_prompts, meta, list(zip(train["prompt"], train["chosen"])), held_out)
 
 
 def stage_seed(seed: int, round_index: int, step: int, salt: int = 0) -> int:
@@ -134,6 +138,18 @@ class Pipeline:
         self.weight_plan = None  # bucket layout of the broadcast weight sync, once its group is formed
         self.worker_restarts = 0
         self.last_checkpoint: Optional[Path] = None
+        self.held_out = self._held_out_judging()
+
+    def _held_out_judging(self) -> Optional[HeldOutJudging]:
+        evaluation = self.config.evaluation
+        if not evaluation.every_rounds:
+            return None
+        return HeldOutJudging(build_judge(self.config), self.prompts.held_out, evaluation.samples_per_prompt,
+                              evaluation.tie_margin, stage_seed(self.config.seed, 0, 0, 7), self.run_dir)
+
+    def sample_texts(self, prompts: List[str], n: int, seed: int) -> List[str]:
+        """The current policy's response texts (n per prompt, prompt-major) from the rollout workers."""
+        return self.generate(prompts, n, seed, 0).response_texts
 
     # ---- start ---------------------------------------------------------------------------------
     def start(self) -> int:
@@ -150,6 +166,8 @@ class Pipeline:
             self.last_checkpoint = checkpoint
             print(f"resumed from {checkpoint} (round {state['round']} done)", file=sys.stderr)
             self.sync_weights()
+            if self.held_out is not None and not self.held_out.load_initial():
+                self.held_out = None
             return state["round"]
         started = time.perf_counter()
         initial = learner.call_first("train_initial")
@@ -162,6 +180,8 @@ class Pipeline:
         self.metrics.log("start", 0, initial)
         self.checkpoint(0)
         self.sync_weights()
+        if self.held_out is not None:
+            self.held_out.record_initial(self.sample_texts)
         return 0
 
     def supervised_warm_up(self) -> Dict[str, float]:
@@ -206,8 +226,8 @@ class Pipeline:
             meta = self.generate(meta_prompts, config.reward.samples_per_prompt, stage_seed(config.seed, round_index, 0, 3), round_index)
             groups = _groups(meta)
             summary["meta_sampling_seconds"] = time.perf_counter() - started
-            self.save_samples(round_index, groups)
-            summary.update(_prefixed("before_rm_", self.group_diagnostics(meta, groups)))
+            diagnostics, rewards_before = self.group_diagnostics(groups)
+            summary.update(_prefixed("before_rm_", diagnostics))
             bar.update()
 
             bar.set_postfix_str("training the reward model")
@@ -218,7 +238,9 @@ class Pipeline:
             summary.update(learner.call_first("train_round", round_index, groups if use_policy_meta else None))
             summary["rm_training_seconds"] = time.perf_counter() - started
             summary.update(learner.call_first("evaluate"))
-            summary.update(self.group_diagnostics(meta, groups))
+            diagnostics, rewards = self.group_diagnostics(groups)
+            summary.update(diagnostics)
+            self.save_samples(round_index, groups, rewards_before, rewards)
             bar.update()
 
             step_metrics = []
@@ -228,6 +250,10 @@ class Pipeline:
                 step_metrics.append(self.ppo_step(round_index, step))
                 bar.update()
         summary.update({name: sum(m[name] for m in step_metrics) / len(step_metrics) for name in step_metrics[0]})
+        if self.held_out is not None and round_index % config.evaluation.every_rounds == 0:
+            started = time.perf_counter()
+            summary.update(self.held_out.judge_policy(self.sample_texts))
+            summary["judging_seconds"] = time.perf_counter() - started
         summary["kl_coefficient"] = self.kl.value
         summary.update(self.peak_memory())
         return summary
@@ -278,24 +304,29 @@ class Pipeline:
         ray.get(worker.load_weight_buckets.remote(buckets, self.weights_version))
         self.weight_plan = None
 
-    def save_samples(self, round_index: int, groups) -> None:
-        """The round's meta data as JSONL (prompt, responses): to read, or to reuse as fixed meta data."""
+    def save_samples(self, round_index: int, groups, rewards_before: torch.Tensor, rewards: torch.Tensor) -> None:
+        """The round's meta data as JSONL: prompt, responses, the RM's scores before and after the round's training
+        (`rewards_before_rm`, `rewards`) and, on the synthetic task, `gold`. To read, to draw (python -m rayrlhf.eval),
+        or to reuse as fixed meta data."""
         folder = self.run_dir / "samples"
         folder.mkdir(exist_ok=True)
         with open(folder / f"round_{round_index:04d}_meta.jsonl", "w", encoding="utf-8") as handle:
-            for prompt, responses in groups:
-                handle.write(json.dumps({"prompt": prompt, "responses": responses}) + "\n")
+            for (prompt, responses), before, after in zip(groups, rewards_before.tolist(), rewards.tolist()):
+                record = {"prompt": prompt, "responses": responses, "rewards_before_rm": before, "rewards": after}
+                if self.task is not None:
+                    record["gold"] = [self.task.gold_reward(prompt, response) for response in responses]
+                handle.write(json.dumps(record) + "\n")
 
-    def group_diagnostics(self, meta: Rollout, groups) -> Dict[str, float]:
+    def group_diagnostics(self, groups) -> Tuple[Dict[str, float], torch.Tensor]:
         """Reward-difference statistics of the RM on the policy's k samples per prompt, and (synthetic task)
-        gold reward and the RM's accuracy on gold-labelled pairs of those samples."""
+        gold reward and the RM's accuracy on gold-labelled pairs of those samples; and the (P, k) scores."""
         rewards = torch.tensor(self.actors.reward_learner.call_first("group_scores", groups))
         results = reward_difference_statistics(rewards)
         if self.task is not None:
             gold = torch.tensor([[self.task.gold_reward(p, r) for r in responses] for p, responses in groups])
             results.update(gold_pair_accuracy(rewards, gold))
             results["policy_gold_reward"] = gold.mean().item()
-        return results
+        return results, rewards
 
     def ppo_step(self, round_index: int, step: int) -> Dict[str, float]:
         config = self.config

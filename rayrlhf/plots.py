@@ -5,7 +5,7 @@ from typing import Dict, List
 PANELS = [
     ("reward", ["reward_mean", "gold_reward"]),
     ("reward-difference variance", ["before_rm_reward_difference_variance", "reward_difference_variance"]),
-    ("accuracy", ["eval_accuracy", "target_accuracy", "gold_pair_accuracy"]),
+    ("accuracy; win rate vs the initial policy", ["eval_accuracy", "target_accuracy", "gold_pair_accuracy", "win_rate"]),
     ("KL to reference (per sequence)", ["kl_per_sequence"]),
     ("response length (tokens)", ["response_length"]),
     ("entropy", ["entropy"]),

@@ -30,6 +30,8 @@ TABLE_COLUMNS = [
     ("eval_accuracy", "RM acc", "{:.3f}"),
     ("gold_pair_accuracy", "gold acc", "{:.3f}"),
     ("gold_reward", "gold rew", "{:+.3f}"),
+    ("win_rate", "win", "{:.3f}"),
+    ("lose_rate", "lose", "{:.3f}"),
     ("kl_per_sequence", "KL", "{:.4f}"),
     ("entropy", "entropy", "{:.3f}"),
     ("response_length", "length", "{:.1f}"),

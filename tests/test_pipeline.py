@@ -16,7 +16,8 @@ import psutil
 import pytest
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from rayrlhf.config import DataSource, SyntheticTask
+from rayrlhf.config import DataSource, SyntheticTask, load_config
+from rayrlhf.data.synthetic import SyntheticPreferenceTask
 from rayrlhf.data.sources import load_preference_pairs
 from rayrlhf.faults import FAULT_VARIABLE
 
@@ -109,6 +110,46 @@ def test_embedded_default_prints_the_round_table_and_writes_a_complete_run_dir(d
     assert {"driver.log", "rollout_worker_0.log", "reward_learner_0.log", "ppo_trainer_0.log"} <= logs.keys()
     if importlib.util.find_spec("vllm"):  # vLLM's records reach the worker's file
         assert "vllm" in logs["rollout_worker_0.log"]
+
+
+def test_eval_reports_numbers_that_a_direct_computation_gives(default_run):
+    """`python -m rayrlhf.eval` on the finished default run: win/tie/lose and lengths recomputed from the responses it
+    wrote, RM accuracy against the learner's own evaluation in metrics.jsonl, reward-difference variances from the
+    saved round samples."""
+    run_dir, _, _ = default_run
+    result = subprocess.run([sys.executable, "-m", "rayrlhf.eval", str(run_dir), "evaluation.prompts=24"], cwd=ROOT,
+                            env=child_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = run_dir / "evaluation"
+    for name in ("report.md", "evaluation.json", "responses.jsonl", "win_rates.png", "reward_differences.png"):
+        assert (folder / name).is_file(), name
+    report = json.loads((folder / "evaluation.json").read_text())
+    config = load_config(str(run_dir / "config.yaml"))
+    task = SyntheticPreferenceTask(config.data.synthetic, config.seed)
+    rows = [json.loads(line) for line in (folder / "responses.jsonl").read_text().splitlines()]
+    by_policy = {name: [r for r in rows if r["policy"] == name] for name in ("initial", "final")}
+    assert len(by_policy["final"]) == len(by_policy["initial"]) == 24
+    gold = {name: [task.gold_reward(r["prompt"], r["response"]) for r in policy_rows] for name, policy_rows in by_policy.items()}
+    final = report["policies"]["final"]
+    wins = sum(a > b for a, b in zip(gold["final"], gold["initial"]))
+    ties = sum(a == b for a, b in zip(gold["final"], gold["initial"]))
+    assert (final["win_rate"], final["tie_rate"]) == pytest.approx((wins / 24, ties / 24))
+    assert final["judge_score"] == pytest.approx(sum(gold["final"]) / 24)
+    assert report["policies"]["initial"]["judge_score"] == pytest.approx(sum(gold["initial"]) / 24)
+    assert final["length_words"] == pytest.approx(sum(len(r["response"].split()) for r in by_policy["final"]) / 24)
+    assert 0 <= final["self_bleu_2"] <= 1 and -1 <= final["embedding_similarity"] <= 1 and final["kl_to_initial"] > 0
+    # the RMs as the learner evaluated them: after the initial training, and after the last round's training
+    start, last_round = records(run_dir, "start")[0], records(run_dir, "round")[-1]
+    assert report["reward_models"]["initial"]["held_out"] == pytest.approx(start["initial_eval_accuracy"])
+    assert report["reward_models"]["final"]["held_out"] == pytest.approx(last_round["eval_accuracy"])
+    for round_index, values in report["reward_differences"].items():
+        groups = [json.loads(line)["rewards"] for line in
+                  (run_dir / "samples" / f"round_{int(round_index):04d}_meta.jsonl").read_text().splitlines()]
+        differences = [g[i] - g[j] for g in groups for i in range(len(g)) for j in range(i + 1, len(g))]
+        mean = sum(differences) / len(differences)
+        assert values["variance"] == pytest.approx(sum((d - mean) ** 2 for d in differences) / len(differences), rel=1e-6)
+        assert values["scored_by"] == "the round's RM"
+    assert "## Policies against the initial policy" in (folder / "report.md").read_text()
 
 
 def test_same_seed_gives_identical_metrics(default_run, tmp_path):

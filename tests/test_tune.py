@@ -159,6 +159,7 @@ def test_a_loop_sweep_with_optuna_reports_every_round_of_whole_runs(tmp_path):
         # Tune saw each round as the run wrote it, and the finished run kept its final models.
         assert [r["round"] for r in reported] == [1, 2]
         assert [r["gold_reward"] for r in reported] == pytest.approx([float(w["gold_reward"]) for w in written])
+        assert [r["win_rate"] for r in reported] == pytest.approx([float(w["win_rate"]) for w in written])  # the metric
         assert (trial_dir / "run" / "policy").is_dir() and (trial_dir / "run" / "reward_model").is_dir()
         params = json.loads((trial_dir / "params.json").read_text())
         config = yaml.safe_load((trial_dir / "run" / "config.yaml").read_text())

@@ -66,15 +66,20 @@ def token_level_rewards(
     return rewards + last_token.to(rewards.dtype) * sequence_rewards.unsqueeze(1)
 
 
+def same_prompt_differences(group_values: torch.Tensor) -> torch.Tensor:
+    """v(x, s_i) - v(x, s_j) for every pair i < j of a prompt's k responses: (P, k) -> (P, k(k-1)/2)."""
+    k = group_values.shape[1]
+    upper = torch.triu(torch.ones(k, k, dtype=torch.bool, device=group_values.device), diagonal=1)
+    return (group_values.unsqueeze(2) - group_values.unsqueeze(1))[:, upper]
+
+
 def reward_difference_statistics(group_rewards: torch.Tensor) -> Dict[str, float]:
     """The paper's diagnostic: the distribution of r(x, s_i) - r(x, s_j) over same-prompt pairs i<j.
 
     group_rewards: (P, k). When the RM stops distinguishing a drifted policy's responses, the variance of
     these differences collapses. Returns variance, mean absolute difference and the pair count.
     """
-    k = group_rewards.shape[1]
-    upper = torch.triu(torch.ones(k, k, dtype=torch.bool, device=group_rewards.device), diagonal=1)
-    differences = (group_rewards.unsqueeze(2) - group_rewards.unsqueeze(1))[:, upper].flatten()
+    differences = same_prompt_differences(group_rewards).flatten()
     return {
         "reward_difference_variance": differences.var(unbiased=False).item(),
         "reward_difference_mean_abs": differences.abs().mean().item(),
@@ -88,10 +93,7 @@ def gold_pair_accuracy(rewards: torch.Tensor, gold: torch.Tensor) -> Dict[str, f
     rewards, gold: (P, k). Every pair i<j of a prompt with gold_i != gold_j counts once; the RM is right
     when sign(r_i - r_j) == sign(gold_i - gold_j). Returns accuracy and the number of pairs.
     """
-    k = rewards.shape[1]
-    upper = torch.triu(torch.ones(k, k, dtype=torch.bool, device=rewards.device), diagonal=1)
-    reward_differences = (rewards.unsqueeze(2) - rewards.unsqueeze(1))[:, upper]
-    gold_differences = (gold.unsqueeze(2) - gold.unsqueeze(1))[:, upper]
+    reward_differences, gold_differences = same_prompt_differences(rewards), same_prompt_differences(gold)
     labelled = gold_differences != 0
     correct = (torch.sign(reward_differences) == torch.sign(gold_differences)) & labelled
     pairs = int(labelled.sum())

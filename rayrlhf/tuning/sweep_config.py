@@ -149,7 +149,9 @@ def reported_metrics(trainable: str, base: RunConfig) -> List[str]:
         difference = ["reward_difference_variance", "reward_difference_mean_abs"] if has_meta else []
         return evaluation + difference + ["train_loss", "train_accuracy"]
     gold = ["gold_pair_accuracy", "gold_reward"] if synthetic else []
-    return evaluation + gold + ["reward_mean", "reward_difference_variance", "kl_per_sequence", "entropy", "response_length"]
+    # judged every round only at every_rounds=1: a metric must be in every report for ASHA to compare trials
+    judged = ["win_rate", "tie_rate", "lose_rate", "judge_score"] if base.evaluation.every_rounds == 1 else []
+    return evaluation + gold + judged + ["reward_mean", "reward_difference_variance", "kl_per_sequence", "entropy", "response_length"]
 
 
 def check_metric(sweep: SweepConfig, base: RunConfig) -> None:
