@@ -19,7 +19,7 @@ from rayrlhf.cli import run_command_with
 from rayrlhf.config import ModelSpec, RunConfig, load_config
 from rayrlhf.errors import ConfigError
 from rayrlhf.evaluation.diversity import diversity
-from rayrlhf.evaluation.judging import build_judge, compare
+from rayrlhf.evaluation.judging import Judge, build_judge, compare
 from rayrlhf.evaluation.plots import plot_reward_difference_densities, plot_win_rates
 from rayrlhf.evaluation.policies import (PolicySamples, checkpoint_policies, kl_estimate, length_statistics, load_policy,
                                          sample, sequence_log_probs)
@@ -50,14 +50,13 @@ def held_out_prompts(config: RunConfig, sets: Dict[str, Any]) -> List[str]:
     return prompts
 
 
-def evaluate_policies(config: RunConfig, run_dir: Path, prompts: List[str]
+def evaluate_policies(config: RunConfig, run_dir: Path, prompts: List[str], judge: Optional[Judge]
                       ) -> Tuple[Dict[str, Dict[str, float]], Dict[str, PolicySamples]]:
     """Every policy's samples on the held-out prompts: judged against the initial policy's, KL to it, length,
     diversity. The initial policy's row has its own judged score, length and diversity. Returns the numbers and
     the samples, by policy."""
     evaluation, seed = config.evaluation, config.seed + EVALUATION_SEED_SALT
     tokenizer = load_tokenizer(ModelSpec(source=str(run_dir / "reference")))
-    judge = build_judge(config)
     names = ["final"] if (run_dir / "policy" / "config.json").is_file() else []
     names = (checkpoint_policies(run_dir) if evaluation.checkpoint_rounds else []) + names
     initial = load_policy(config, run_dir, "initial")
@@ -93,7 +92,7 @@ def evaluate_run(config: RunConfig) -> Dict[str, Any]:
     sets = preference_sets(config)
     prompts = held_out_prompts(config, sets)
     judge = build_judge(config)
-    policies, samples = evaluate_policies(config, run_dir, prompts)
+    policies, samples = evaluate_policies(config, run_dir, prompts, judge)
     final_model, final_tokenizer = load_reward_model(config, run_dir, "final")
     differences = round_reward_differences(run_dir, config, final_model, final_tokenizer)
     results = {

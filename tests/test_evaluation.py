@@ -112,3 +112,13 @@ def test_judge_settings_are_checked_before_anything_starts():
     with pytest.raises(ConfigError, match="synthetic task"):
         load_config("conf/tldr_cpu.yaml", ["evaluation.judge=gold"])
     assert isinstance(load_config("conf/tiny.yaml", ["evaluation.every_rounds=1"]), RunConfig)
+
+
+def test_eval_of_a_missing_or_unfinished_run_is_one_error_and_status_2(tmp_path, capsys):
+    from rayrlhf.eval import main
+
+    assert main([str(tmp_path / "nowhere")]) == 2
+    assert "is not a run directory" in capsys.readouterr().err
+    (tmp_path / "config.yaml").write_text("rounds: 1\n")
+    assert main([str(tmp_path)]) == 2
+    assert "the run has not finished" in capsys.readouterr().err

@@ -38,14 +38,11 @@ class PolicySamples:
 
 def load_policy(config: RunConfig, run_dir: Path, name: str) -> PreTrainedModel:
     """`initial`, `final` or `round_N` of a run, in eval mode on the run's device."""
-    folder = {"initial": run_dir / "reference", "final": run_dir / "policy"}.get(name)
-    reference = config.policy.model_copy(update={"source": str(run_dir / "reference")})
-    if folder is not None:
-        model = build_causal_lm(config.policy.model_copy(update={"source": str(folder)}), None)
-    else:  # the architecture from the reference folder, the weights from the checkpoint's DeepSpeed module state
+    folder = {"initial": run_dir / "reference", "final": run_dir / "policy"}.get(name, run_dir / "reference")
+    model = build_causal_lm(config.policy.model_copy(update={"source": str(folder)}), None)
+    if name not in ("initial", "final"):  # the reference's architecture, the checkpoint's DeepSpeed module state
         round_index = int(name.removeprefix("round_"))
         state_file = checkpoint_path(run_dir, round_index) / "ppo" / "policy" / "state" / "mp_rank_00_model_states.pt"
-        model = build_causal_lm(reference, None)
         model.load_state_dict(load_state(str(state_file))["module"])
     return model.to(config.resources.device).eval()
 
