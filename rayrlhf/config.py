@@ -98,6 +98,10 @@ class SyntheticTask(Schema):
     pairs_per_prompt: int = Field(2, ge=1)
     max_response_words: int = Field(6, ge=2)
     """Longer responses are penalised by the gold reward; the preference data never exceed it."""
+    relevance: Literal["prompt", "any"] = "prompt"
+    """What the gold reward's relevance counts: distinct topics the prompt names (`prompt`), or distinct topic words of
+    any kind, at most topics_per_prompt (`any`: a relevance a small RM learns, since it needs no prompt matching;
+    the labelled data's topic words are then any topics)."""
     reference_topic_rate: float = Field(0.4, gt=0, lt=1)
     """The share of prompt topics among the words of the labelled data's responses (the rest are fillers)."""
     reference_max_words: Optional[int] = Field(None, ge=1)

@@ -153,6 +153,19 @@ def test_synthetic_gold_reward_by_hand():
     task = SyntheticPreferenceTask(SyntheticTask(max_response_words=3), 0)
     # relevance 2 (t1, t2), repeats 1 (t1 twice), overlong 4 - 3 = 1  ->  2 - 0.5 - 1 = 0.5
     assert task.gold_reward("Q: t1 t2 t3 A:", "t1 t2 t1 w5") == 0.5
+    anywhere = SyntheticPreferenceTask(SyntheticTask(max_response_words=3, topics_per_prompt=2, relevance="any"), 0)
+    # relevance min(3 distinct topics t1 t7 t9, cap 2) = 2, repeats 1, overlong 1  ->  0.5; off-prompt topics count
+    assert anywhere.gold_reward("Q: t1 t2 A:", "t7 t9 t1 t7") == 0.5
+    assert anywhere.gold_reward("Q: t1 t2 A:", "t7 w1") == 1.0
+
+
+def test_synthetic_any_relevance_labelled_data_mention_topics_of_every_kind():
+    task = SyntheticPreferenceTask(SyntheticTask(relevance="any", reference_topic_rate=0.25), 0)
+    pairs = task.preference_pairs()
+    words = [w for r in pairs for w in (r["chosen"] + " " + r["rejected"]).split()]
+    off_prompt = [w for r in pairs for w in r["chosen"].split() if w.startswith("t") and w not in r["prompt"].split()]
+    assert 0.15 < sum(w.startswith("t") for w in words) / len(words) < 0.35 and len(off_prompt) > 100
+    assert all(row["chosen_gold"] > row["rejected_gold"] for row in pairs)
 
 
 def test_synthetic_pairs_are_gold_ordered_and_drift_reverses_length_preference():
@@ -165,6 +178,20 @@ def test_synthetic_pairs_are_gold_ordered_and_drift_reverses_length_preference()
         return sum(len(r["chosen"].split()) > len(r["rejected"].split()) for r in table) / len(table)
 
     assert longer_chosen(pairs) > 0.5 > 0.2 > longer_chosen(drifted)
+
+
+def test_synthetic_reference_options_shape_the_labelled_responses():
+    task = SyntheticPreferenceTask(SyntheticTask(topics_per_prompt=6, max_response_words=8, reference_max_words=4,
+                                                 reference_distractor_rate=0.5, reference_repeats=False), 0)
+    pairs = task.preference_pairs()
+    responses = [(r["prompt"].split()[1:-1], response.split()) for r in pairs for response in (r["chosen"], r["rejected"])]
+    assert max(len(words) for _, words in responses) == 4
+    assert all(len(set(words)) == len(words) for _, words in responses)
+    distractors = [w for topics, words in responses for w in words if w.startswith("t") and w not in topics]
+    assert len(distractors) > 0.1 * sum(len(words) for _, words in responses)
+    # the defaults draw nothing extra: the labelled data are those the task made before these options existed
+    assert SyntheticPreferenceTask(SYNTHETIC, 0).preference_pairs()["chosen"][:3] == \
+        ["w2 t13", "t13 w16 t13 w17 t12 w14", "t15 w16 w13 w21 t16 w15"]
 
 
 def write_saved_rollouts(path, groups):

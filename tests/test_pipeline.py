@@ -26,6 +26,9 @@ from helpers.fault_table import record
 
 pytestmark = pytest.mark.slow
 TIMING_SUFFIXES = ("_seconds", "_per_second")
+# The embedded default cut to 4 of its 10 rounds: these tests check the loop's machinery, not the over-optimisation
+# curve it shows over 10 rounds (benchmarks/overoptimisation.py measures that).
+TINY = ("conf/tiny.yaml", "rounds=4")
 
 
 def run_main(*args: str, env: dict = None, expect: int = 0) -> subprocess.CompletedProcess:
@@ -77,7 +80,7 @@ def default_run(tmp_path_factory):
     """The README's main job on the embedded default, uninterrupted (vLLM where installed: rollout.engine auto)."""
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
     before = engine_leftovers()
-    result = run_main("conf/tiny.yaml", f"run_dir={run_dir}")
+    result = run_main(*TINY, f"run_dir={run_dir}")
     return run_dir, result, engine_leftovers() - before
 
 
@@ -155,7 +158,7 @@ def test_eval_reports_numbers_that_a_direct_computation_gives(default_run):
 def test_same_seed_gives_identical_metrics(default_run, tmp_path):
     run_dir, _, _ = default_run
     again = tmp_path / "again"
-    run_main("conf/tiny.yaml", f"run_dir={again}")
+    run_main(*TINY, f"run_dir={again}")
     assert [without_timings(r) for r in records(again, "ppo")] == [without_timings(r) for r in records(run_dir, "ppo")]
     assert rounds_csv(again) == rounds_csv(run_dir)
 
@@ -164,13 +167,13 @@ def test_same_seed_gives_identical_metrics(default_run, tmp_path):
 def test_a_crashing_actor_shows_its_traceback_and_resume_reaches_the_same_end(default_run, tmp_path):
     run_dir, _, _ = default_run
     crashed = tmp_path / "crashed"
-    failure = run_main("conf/tiny.yaml", f"run_dir={crashed}", env={FAULT_VARIABLE: "ppo_step:3"}, expect=1)
+    failure = run_main(*TINY, f"run_dir={crashed}", env={FAULT_VARIABLE: "ppo_step:3"}, expect=1)
     assert "injected fault at ppo_step in round 3" in failure.stderr
     assert "PPOTrainer.ppo_step" in failure.stderr and 'rayrlhf/actors/ppo_trainer.py", line' in failure.stderr  # its traceback
     assert "last checkpoint" in failure.stderr and "round_0002" in failure.stderr
     assert sorted(p.name for p in (crashed / "checkpoints").iterdir()) == ["round_0000", "round_0001", "round_0002"]
     lost = ppo_steps_after(crashed, "round_0002")
-    run_main("conf/tiny.yaml", f"run_dir={crashed}", "resume=true")
+    run_main(*TINY, f"run_dir={crashed}", "resume=true")
     assert rounds_csv(crashed) == rounds_csv(run_dir)
     assert [without_timings(r) for r in records(crashed, "ppo")] == [without_timings(r) for r in records(run_dir, "ppo")]
     record("an exception in an actor (PPO step, round 3)", "`RAYRLHF_FAULT=ppo_step:3`",
@@ -185,7 +188,7 @@ def test_a_rollout_worker_killed_mid_round_is_restarted_and_the_run_ends_as_unin
     same seed, so the round completes and every round's numbers equal the uninterrupted run's."""
     run_dir, _, _ = default_run
     killed = tmp_path / "killed"
-    result = run_main("conf/tiny.yaml", f"run_dir={killed}", env={"RAYRLHF_FAULT": "rollout_generate:2:kill"})
+    result = run_main(*TINY, f"run_dir={killed}", env={"RAYRLHF_FAULT": "rollout_generate:2:kill"})
     assert "rollout worker 0 died" in result.stderr
     def without_restarts(rows):
         return [{k: v for k, v in row.items() if k != "rollout_worker_restarts"} for row in rows]
@@ -203,7 +206,7 @@ def test_a_rollout_worker_killed_mid_round_is_restarted_and_the_run_ends_as_unin
 def test_a_ppo_rank_killed_restarts_the_run_from_its_checkpoint_and_it_ends_as_uninterrupted(default_run, tmp_path):
     run_dir, _, _ = default_run
     killed = tmp_path / "killed"
-    result = run_main("conf/tiny.yaml", f"run_dir={killed}", env={"RAYRLHF_FAULT": "ppo_step:3:kill"})
+    result = run_main(*TINY, f"run_dir={killed}", env={"RAYRLHF_FAULT": "ppo_step:3:kill"})
     assert "an actor died" in result.stderr and "round_0002" in result.stderr and "restart 1 of 2" in result.stderr
     assert rounds_csv(killed) == rounds_csv(run_dir)
     assert [without_timings(r) for r in records(killed, "ppo")] == [without_timings(r) for r in records(run_dir, "ppo")]
@@ -218,7 +221,7 @@ def test_one_of_two_ppo_ranks_killed_frees_the_other_and_the_run_recovers(tmp_pa
     """With 2 PPO ranks the survivor is left waiting in a gloo collective for the dead one: the driver must
     not wait for it, and the restart must replace both."""
     killed = tmp_path / "two_ranks"
-    result = run_main("conf/tiny.yaml", f"run_dir={killed}", "rounds=3", "resources.ppo_ranks=2", "rollout.engine=hf",
+    result = run_main(*TINY, f"run_dir={killed}", "rounds=3", "resources.ppo_ranks=2", "rollout.engine=hf",
                       env={"RAYRLHF_FAULT": "ppo_step:2:kill"})
     assert "an actor died" in result.stderr and "restarting every actor from" in result.stderr
     assert "round_0001" in result.stderr and "restart 1 of 2" in result.stderr
@@ -236,7 +239,7 @@ def test_a_kill_while_a_checkpoint_is_written_keeps_the_previous_one_and_the_run
     the restart loads round 1's checkpoint (so it is intact and loadable) and the run ends as if nothing happened."""
     run_dir, _, _ = default_run
     killed = tmp_path / "killed"
-    result = run_main("conf/tiny.yaml", f"run_dir={killed}", env={"RAYRLHF_FAULT": "save_checkpoint:2:kill"})
+    result = run_main(*TINY, f"run_dir={killed}", env={"RAYRLHF_FAULT": "save_checkpoint:2:kill"})
     assert "restarting every actor from" in result.stderr and "round_0001" in result.stderr
     assert rounds_csv(killed) == rounds_csv(run_dir)
     assert not any(name.endswith(".tmp") for name in os.listdir(killed / "checkpoints"))
@@ -248,7 +251,7 @@ def test_a_kill_while_a_checkpoint_is_written_keeps_the_previous_one_and_the_run
 @pytest.mark.fault
 def test_an_actor_dying_past_the_restart_limit_stops_the_run_resumably(tmp_path):
     run_dir = tmp_path / "run"
-    result = run_main("conf/tiny.yaml", f"run_dir={run_dir}", "rollout.engine=hf", "restarts_from_checkpoint=0",
+    result = run_main(*TINY, f"run_dir={run_dir}", "rollout.engine=hf", "restarts_from_checkpoint=0",
                       env={"RAYRLHF_FAULT": "ppo_step:2:kill"}, expect=1)
     assert "stopped; last checkpoint" in result.stderr and "round_0001" in result.stderr and "resume=true" in result.stderr
     record("an actor dies with no restarts left", "`RAYRLHF_FAULT=ppo_step:2:kill restarts_from_checkpoint=0`",
@@ -260,7 +263,7 @@ def test_an_actor_dying_past_the_restart_limit_stops_the_run_resumably(tmp_path)
 def test_ctrl_c_keeps_the_last_checkpoint_and_resume_reaches_the_same_end(default_run, tmp_path):
     run_dir, _, _ = default_run
     stopped = tmp_path / "stopped"
-    command = [sys.executable, "-m", "rayrlhf.run", "conf/tiny.yaml", f"run_dir={stopped}", "rounds=50"]
+    command = [sys.executable, "-m", "rayrlhf.run", *TINY, f"run_dir={stopped}", "rounds=50"]
     process = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600
     while not (stopped / "checkpoints" / "round_0002").exists() and process.poll() is None and time.monotonic() < deadline:
@@ -271,7 +274,7 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_resume_reaches_the_same_end(defaul
     assert not (stopped / "policy").exists()  # it did not run to the end
     last = stderr.split("stopped; last checkpoint: ")[1].split()[0]
     lost = ppo_steps_after(stopped, Path(last).name)
-    run_main("conf/tiny.yaml", f"run_dir={stopped}", "resume=true", "rounds=4")
+    run_main(*TINY, f"run_dir={stopped}", "resume=true", "rounds=4")
     assert rounds_csv(stopped) == rounds_csv(run_dir)
     record("Ctrl-C on the driver", "SIGINT once round_0002 is written",
            f"the driver stops the actors, exits 130 and names {Path(last).name}; `resume=true` ends with the "
@@ -284,7 +287,7 @@ def test_the_driver_killed_and_resumed_ends_with_the_uninterrupted_metrics(defau
     run dir holds whole checkpoints only, and resume=true ends with the same rounds and the same metrics.jsonl."""
     run_dir, _, _ = default_run
     killed = tmp_path / "killed"
-    command = [sys.executable, "-m", "rayrlhf.run", "conf/tiny.yaml", f"run_dir={killed}"]
+    command = [sys.executable, "-m", "rayrlhf.run", *TINY, f"run_dir={killed}"]
     process = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
     while not (killed / "checkpoints" / "round_0002").exists() and process.poll() is None and time.monotonic() < deadline:
@@ -305,7 +308,7 @@ def test_the_driver_killed_and_resumed_ends_with_the_uninterrupted_metrics(defau
     assert not (killed / "policy").exists()  # it did not run to the end
     last = max(p.name for p in (killed / "checkpoints").iterdir() if not p.name.endswith(".tmp"))
     lost = ppo_steps_after(killed, last)
-    run_main("conf/tiny.yaml", f"run_dir={killed}", "resume=true")
+    run_main(*TINY, f"run_dir={killed}", "resume=true")
     watcher.join()
     alive = [p for p in started if p.pid not in exits]
     assert not alive, [survivor_command(p) for p in alive]
@@ -320,7 +323,7 @@ def test_the_driver_killed_and_resumed_ends_with_the_uninterrupted_metrics(defau
 
 def test_a_finished_run_dir_is_not_overwritten(default_run):
     run_dir, _, _ = default_run
-    result = run_main("conf/tiny.yaml", f"run_dir={run_dir}", expect=2)
+    result = run_main(*TINY, f"run_dir={run_dir}", expect=2)
     assert "already holds a run" in result.stderr and "resume=true" in result.stderr
 
 

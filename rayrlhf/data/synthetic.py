@@ -5,8 +5,9 @@ words `t*` or filler words `w*`. The gold reward is
 
     gold(x, y) = relevance - 0.5 · repeats - 1.0 · max(0, len(y) - L)
 
-relevance: distinct prompt topics the response mentions; repeats: len(y) - distinct words; L =
-max_response_words. The labelled pairs come from a reference distribution whose responses are never longer
+relevance: distinct prompt topics the response mentions (relevance: prompt), or distinct topic words of any kind, at
+most topics_per_prompt (relevance: any; the embedded default, since a 2-layer RM learns it where it does not learn
+to match response topics to the prompt's); repeats: len(y) - distinct words; L = max_response_words. The labelled pairs come from a reference distribution whose responses are never longer
 than L and rarely repeat, so there longer means more relevant and a proxy RM learns "longer is better".
 A policy optimised against that RM drifts to long, repetitive responses, where the gold reward falls and the
 proxy RM is wrong: the gold reward measures what the proxy misses. `drifted_response_groups` samples that
@@ -50,19 +51,35 @@ class SyntheticPreferenceTask:
 
     def gold_reward(self, prompt: str, response: str) -> float:
         """gold(x, y) of the module docstring."""
-        wanted = set(prompt.split()[1:-1])
         words = response.split()
-        relevance = len(wanted & set(words))
+        if self.task.relevance == "any":
+            relevance = min(len({w for w in words if w.startswith("t")}), self.task.topics_per_prompt)
+        else:
+            relevance = len(set(prompt.split()[1:-1]) & set(words))
         repeats = len(words) - len(set(words))
         overlong = max(0, len(words) - self.task.max_response_words)
         return relevance - 0.5 * repeats - 1.0 * overlong
 
     def _reference_response(self, rng: random.Random, prompt: str) -> str:
-        """Where the labelled data lives: 1..L words, each a prompt topic with probability reference_topic_rate."""
-        wanted = prompt.split()[1:-1]
-        length = rng.randint(1, self.task.max_response_words)
-        rate = self.task.reference_topic_rate
-        return " ".join(rng.choice(wanted) if rng.random() < rate else rng.choice(self.fillers) for _ in range(length))
+        """Where the labelled data lives: 1..reference_max_words (default L) words, each a prompt topic with
+        probability reference_topic_rate, else another word (_other_words); with reference_repeats off, each
+        drawn from the words not used yet (a topic, once every prompt topic is used, becomes another word)."""
+        wanted = self.topics if self.task.relevance == "any" else prompt.split()[1:-1]
+        length = rng.randint(1, self.task.reference_max_words or self.task.max_response_words)
+        rate, words = self.task.reference_topic_rate, []
+        for _ in range(length):
+            topics, others = (wanted, self._other_words(rng, wanted))
+            if not self.task.reference_repeats:
+                topics, others = [t for t in topics if t not in words], [w for w in others if w not in words]
+            words.append(rng.choice(topics) if topics and rng.random() < rate else rng.choice(others))
+        return " ".join(words)
+
+    def _other_words(self, rng: random.Random, wanted: List[str]) -> List[str]:
+        """Where a labelled response's non-topic word comes from: topics the prompt does not name with
+        probability reference_distractor_rate, else fillers (no random draw when the rate is 0)."""
+        if self.task.reference_distractor_rate and rng.random() < self.task.reference_distractor_rate:
+            return [t for t in self.topics if t not in wanted]
+        return self.fillers
 
     def _drifted_response(self, rng: random.Random, prompt: str) -> str:
         """Where an over-optimised policy goes: L..2L words, mostly prompt topics, so many repeats."""
@@ -70,10 +87,14 @@ class SyntheticPreferenceTask:
         length = rng.randint(self.task.max_response_words, 2 * self.task.max_response_words)
         return " ".join(rng.choice(wanted) if rng.random() < 0.8 else rng.choice(self.fillers) for _ in range(length))
 
-    def _pairs(self, sample, salt: int) -> datasets.Dataset:
+    def _drifted_prompts(self) -> List[Tuple[str, str]]:
+        """The prompts of the drifted data: the first drifted_prompts of them (all when unset)."""
+        return self.prompts()[: self.task.drifted_prompts]
+
+    def _pairs(self, sample, salt: int, prompts: List[Tuple[str, str]]) -> datasets.Dataset:
         rng = random.Random(self.seed * 1_000_003 + salt)
         rows = []
-        for prompt_id, prompt in self.prompts():
+        for prompt_id, prompt in prompts:
             made = 0
             while made < self.task.pairs_per_prompt:
                 first, second = sample(rng, prompt), sample(rng, prompt)
@@ -90,11 +111,11 @@ class SyntheticPreferenceTask:
 
     def preference_pairs(self) -> datasets.Dataset:
         """Gold-labelled pairs from the reference distribution (the RM's training data)."""
-        return self._pairs(self._reference_response, salt=1)
+        return self._pairs(self._reference_response, salt=1, prompts=self.prompts())
 
     def drifted_pairs(self) -> datasets.Dataset:
         """Gold-labelled pairs from the drifted distribution (where a proxy RM fails)."""
-        return self._pairs(self._drifted_response, salt=2)
+        return self._pairs(self._drifted_response, salt=2, prompts=self._drifted_prompts())
 
     def drifted_response_groups(self, samples_per_prompt: int) -> datasets.Dataset:
         """Unlabelled groups of k drifted responses per prompt: MetaRM's meta data without a policy."""
@@ -102,5 +123,5 @@ class SyntheticPreferenceTask:
         return datasets.Dataset.from_list([
             {"prompt_id": prompt_id, "prompt": prompt,
              "responses": [self._drifted_response(rng, prompt) for _ in range(samples_per_prompt)]}
-            for prompt_id, prompt in self.prompts()
+            for prompt_id, prompt in self._drifted_prompts()
         ])

@@ -1,0 +1,57 @@
+"""The verdicts and paired comparisons of the evidence benchmarks (benchmarks/overoptimisation.py,
+benchmarks/experiment_a.py), on numbers worked out by hand."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, Path(ROOT) / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+overoptimisation = load("overoptimisation")
+experiment_a = load("experiment_a")
+
+
+def test_overoptimisation_verdict_needs_an_interior_peak_a_rise_a_fall_and_a_rising_fixed_proxy():
+    rise_then_fall = {"gold": [1.0, 2.0, 1.5], "fixed": [1.0, 2.0, 3.0]}
+    assert overoptimisation.verdict(rise_then_fall) == {
+        "overoptimised": True, "peak_round": 2, "rise": 1.0, "fall": 0.5,
+        "fixed_proxy_after_peak": 1.0, "fixed_proxy_overall": 2.0}
+    assert not overoptimisation.verdict({"gold": [1.0, 2.0, 2.5], "fixed": [1.0, 2.0, 3.0]})["overoptimised"]  # no fall
+    assert not overoptimisation.verdict({"gold": [1.0, 1.2, 0.5], "fixed": [1.0, 2.0, 3.0]})["overoptimised"]  # rise < 0.3
+    assert not overoptimisation.verdict({"gold": [1.0, 2.0, 1.5], "fixed": [1.0, 3.0, 2.0]})["overoptimised"]  # proxy falls
+
+
+def test_overoptimisation_arms_and_paired_differences():
+    arms = overoptimisation.arms(["vanilla", "metarm"], ["metarm_eta0.1=reward.method=metarm,reward.eta=0.1"])
+    assert arms == {"vanilla": ["reward.method=vanilla"], "metarm": ["reward.method=metarm"],
+                    "metarm_eta0.1": ["reward.method=metarm", "reward.eta=0.1"]}
+    with pytest.raises(SystemExit):
+        overoptimisation.arms([], ["no_overrides"])
+    a = {0: {"gold": [1.0, 2.0], "acc": [0.5, 0.7]}, 1: {"gold": [1.0, 3.0], "acc": [0.6, 0.6]}}
+    b = {0: {"gold": [1.0, 2.5], "acc": [0.6, 0.8]}, 1: {"gold": [2.0, 2.0], "acc": [0.6, 0.6]}}
+    final = overoptimisation.paired(a, b)["final_gold"]
+    # per seed b - a: +0.5, -1.0; mean -0.25; sample std sqrt(((0.75)^2 + (0.75)^2) / 1) = 1.0607
+    assert final["per_seed"] == {0: 0.5, 1: -1.0} and final["mean"] == pytest.approx(-0.25)
+    assert final["std"] == pytest.approx(1.06066, abs=1e-5)
+    assert (final["seeds_favouring_b"], final["seeds_favouring_a"]) == (1, 1)
+    assert overoptimisation.paired(a, b)["peak_gold"]["per_seed"] == {0: 0.5, 1: -1.0}
+    assert overoptimisation.paired(a, b)["mean_gold_pair_accuracy"]["per_seed"] == pytest.approx({0: 0.1, 1: 0.0})
+
+
+def test_experiment_a_pairs_metarm_with_vanilla_of_the_same_seed():
+    def run(variant, seed, target):
+        return experiment_a.Run("hh-helpful-harmless", variant, seed, [], Path("."), {"target_accuracy": target})
+
+    runs = [run("vanilla", 0, 0.50), run("vanilla", 1, 0.60), run("metarm", 0, 0.55), run("metarm", 1, 0.58),
+            run("metarm", 2, 0.90)]  # seed 2 has no vanilla partner: left out
+    (row,) = experiment_a.paired(runs)
+    assert row["seeds"] == [0, 1] and row["deltas"] == pytest.approx([0.05, -0.02])
+    assert row["mean"] == pytest.approx(0.015) and (row["metarm_better"], row["vanilla_better"]) == (1, 1)
