@@ -94,8 +94,13 @@ def test_metarm_in_micro_batches_equals_the_whole_batch_step(distributed, refere
     takes ∇J accumulated over the meta micro-batches, L at θ' over the pair micro-batches. The η·∇J of an
     unweighted sum would be twice as large and move the parameters elsewhere."""
     expected = reference_first_order if order == "first" else reference_parameters("second")
+    # Second order: Hessian-vector products summed over micro-batches in another order than torch.func's; on a
+    # 2-core AMD EPYC the largest difference was 1.2e-5 (2026-12-03; under 1e-5 on the machines before it), below
+    # the 1e-4 that separates first from second order (test above).
+    atol = 1e-5 if order == "first" else 3e-5
     for micro in (1, 3):
-        assert_close(engine_parameters(zero_stage, order, micro_batch_size=micro, meta_micro_batch_size=1), expected)
+        assert_close(engine_parameters(zero_stage, order, micro_batch_size=micro, meta_micro_batch_size=1), expected,
+                     atol=atol)
 
 
 def test_gradient_checkpointing_gives_the_same_metarm_steps(distributed, reference_first_order):
