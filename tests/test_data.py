@@ -243,3 +243,10 @@ def test_a_sequence_micro_batch_keeps_every_response_position():
     short = batch.part(slice(1, 2))
     assert short.input_ids.tolist() == [[5, 7]] and short.response_positions.max() < short.input_ids.shape[1]
     assert short.response_tokens.shape == batch.response_tokens[1:].shape
+
+
+def test_synthetic_distractors_need_topics_outside_the_wanted_ones():
+    """With relevance any every topic is wanted, so there are no distractors: fillers take their place."""
+    task = SyntheticPreferenceTask(SyntheticTask(relevance="any", reference_distractor_rate=0.5), 0)
+    words = [w for r in task.preference_pairs() for w in (r["chosen"] + " " + r["rejected"]).split()]
+    assert any(w.startswith("w") for w in words) and all(w.startswith(("t", "w")) for w in words)

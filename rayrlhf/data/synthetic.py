@@ -5,12 +5,13 @@ words `t*` or filler words `w*`. The gold reward is
 
     gold(x, y) = relevance - 0.5 · repeats - 1.0 · max(0, len(y) - L)
 
-relevance: distinct prompt topics the response mentions (relevance: prompt), or distinct topic words of any kind, at
-most topics_per_prompt (relevance: any; the embedded default, since a 2-layer RM learns it where it does not learn
-to match response topics to the prompt's); repeats: len(y) - distinct words; L = max_response_words. The labelled pairs come from a reference distribution whose responses are never longer
-than L and rarely repeat, so there longer means more relevant and a proxy RM learns "longer is better".
-A policy optimised against that RM drifts to long, repetitive responses, where the gold reward falls and the
-proxy RM is wrong: the gold reward measures what the proxy misses. `drifted_response_groups` samples that
+relevance: distinct prompt topics the response mentions (relevance: prompt), or distinct topic words of any kind,
+at most topics_per_prompt (relevance: any; the embedded default, since a 2-layer RM learns it where it does not
+learn to match response topics to the prompt's); repeats: len(y) - distinct words; L = max_response_words. The
+labelled pairs come from a reference distribution whose responses are never longer than L and rarely repeat,
+so there longer means more relevant and a proxy RM learns "longer is better". A policy optimised against that
+RM can drift to long, repetitive responses, where the gold reward falls and the proxy RM is wrong (on the
+embedded default within 10 rounds in 1 seed of 5: docs/results.md): the gold reward measures what the proxy misses. `drifted_response_groups` samples that
 shifted region (MetaRM's meta data without a policy); `drifted_pairs` labels it by gold for evaluation.
 """
 import random
@@ -68,7 +69,7 @@ class SyntheticPreferenceTask:
         length = rng.randint(1, self.task.reference_max_words or self.task.max_response_words)
         rate, words = self.task.reference_topic_rate, []
         for _ in range(length):
-            topics, others = (wanted, self._other_words(rng, wanted))
+            topics, others = wanted, self._other_words(rng, wanted)
             if not self.task.reference_repeats:
                 topics, others = [t for t in topics if t not in words], [w for w in others if w not in words]
             words.append(rng.choice(topics) if topics and rng.random() < rate else rng.choice(others))
@@ -76,9 +77,11 @@ class SyntheticPreferenceTask:
 
     def _other_words(self, rng: random.Random, wanted: List[str]) -> List[str]:
         """Where a labelled response's non-topic word comes from: topics the prompt does not name with
-        probability reference_distractor_rate, else fillers (no random draw when the rate is 0)."""
-        if self.task.reference_distractor_rate and rng.random() < self.task.reference_distractor_rate:
-            return [t for t in self.topics if t not in wanted]
+        probability reference_distractor_rate, else fillers (no random draw when the rate is 0 or no topic is left
+        outside `wanted`, as with relevance any, where every topic is wanted)."""
+        distractors = [t for t in self.topics if t not in wanted]
+        if self.task.reference_distractor_rate and distractors and rng.random() < self.task.reference_distractor_rate:
+            return distractors
         return self.fillers
 
     def _drifted_response(self, rng: random.Random, prompt: str) -> str:
