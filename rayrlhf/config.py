@@ -102,6 +102,10 @@ class SyntheticTask(Schema):
     """What the gold reward's relevance counts: distinct topics the prompt names (`prompt`), or distinct topic words of
     any kind, at most topics_per_prompt (`any`: a relevance a small RM learns, since it needs no prompt matching;
     the labelled data's topic words are then any topics)."""
+    excess_topic_penalty: float = Field(0.0, ge=0)
+    """With relevance any: what each distinct topic word beyond topics_per_prompt costs the gold reward (0: relevance
+    is only capped there). The labelled data never name more than topics_per_prompt topics, so a proxy RM cannot
+    learn this cost: gold and proxy agree up to the limit and part past it, along the one direction PPO climbs."""
     reference_topic_rate: float = Field(0.4, gt=0, lt=1)
     """The share of prompt topics among the words of the labelled data's responses (the rest are fillers)."""
     reference_max_words: Optional[int] = Field(None, ge=1)

@@ -157,6 +157,21 @@ def test_synthetic_gold_reward_by_hand():
     # relevance min(3 distinct topics t1 t7 t9, cap 2) = 2, repeats 1, overlong 1  ->  0.5; off-prompt topics count
     assert anywhere.gold_reward("Q: t1 t2 A:", "t7 t9 t1 t7") == 0.5
     assert anywhere.gold_reward("Q: t1 t2 A:", "t7 w1") == 1.0
+    penalised = SyntheticPreferenceTask(
+        SyntheticTask(topics_per_prompt=2, relevance="any", excess_topic_penalty=0.75), 0)
+    # 4 distinct topics, limit 2: relevance 2 - 0.75 * 2 = 0.5; no repeats, 4 words <= L = 6
+    assert penalised.gold_reward("Q: t1 t2 A:", "t7 t9 t1 t3") == 0.5
+    assert penalised.gold_reward("Q: t1 t2 A:", "t7 t9 w1 w2") == 2.0
+
+
+def test_synthetic_labelled_data_never_pass_the_topic_limit():
+    """The labelled data name at most topics_per_prompt distinct topics, so an RM trained on them cannot see the
+    excess-topic penalty (the gold reward and the proxy part only where the policy goes beyond them)."""
+    task = SyntheticPreferenceTask(SyntheticTask(
+        relevance="any", topics_per_prompt=2, reference_topic_rate=0.6, excess_topic_penalty=1.0), 0)
+    responses = [r[side] for r in task.preference_pairs() for side in ("chosen", "rejected")]
+    distinct_topics = [len({w for w in response.split() if w.startswith("t")}) for response in responses]
+    assert max(distinct_topics) == 2 and distinct_topics.count(2) > 100
 
 
 def test_synthetic_any_relevance_labelled_data_mention_topics_of_every_kind():

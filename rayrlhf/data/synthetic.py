@@ -6,13 +6,15 @@ words `t*` or filler words `w*`. The gold reward is
     gold(x, y) = relevance - 0.5 · repeats - 1.0 · max(0, len(y) - L)
 
 relevance: distinct prompt topics the response mentions (relevance: prompt), or distinct topic words of any kind,
-at most topics_per_prompt (relevance: any; the embedded default, since a 2-layer RM learns it where it does not
-learn to match response topics to the prompt's); repeats: len(y) - distinct words; L = max_response_words. The
-labelled pairs come from a reference distribution whose responses are never longer than L and rarely repeat,
-so there longer means more relevant and a proxy RM learns "longer is better". A policy optimised against that
-RM can drift to long, repetitive responses, where the gold reward falls and the proxy RM is wrong (on the
-embedded default within 10 rounds in 1 seed of 5: docs/results.md): the gold reward measures what the proxy misses. `drifted_response_groups` samples that
-shifted region (MetaRM's meta data without a policy); `drifted_pairs` labels it by gold for evaluation.
+at most topics_per_prompt, each one past it costing excess_topic_penalty (relevance: any; the embedded default,
+since a 2-layer RM learns it where it does not learn to match response topics to the prompt's); repeats:
+len(y) - distinct words; L = max_response_words. The labelled pairs come from a reference distribution whose
+responses are never longer than L, never name more than topics_per_prompt topics and rarely repeat, so there
+longer means more relevant and a proxy RM learns "longer is better" and "more topics is better". A policy
+optimised against that RM can drift to long, repetitive or topic-stuffed responses, where the gold reward falls
+and the proxy RM is wrong (measured in docs/results.md: on the embedded default within 10 rounds in 1 seed of 5).
+`drifted_response_groups` samples that shifted region (MetaRM's meta data without a policy); `drifted_pairs`
+labels it by gold for evaluation.
 """
 import random
 from typing import List, Tuple
@@ -54,7 +56,8 @@ class SyntheticPreferenceTask:
         """gold(x, y) of the module docstring."""
         words = response.split()
         if self.task.relevance == "any":
-            relevance = min(len({w for w in words if w.startswith("t")}), self.task.topics_per_prompt)
+            distinct_topics, limit = len({w for w in words if w.startswith("t")}), self.task.topics_per_prompt
+            relevance = min(distinct_topics, limit) - self.task.excess_topic_penalty * max(0, distinct_topics - limit)
         else:
             relevance = len(set(prompt.split()[1:-1]) & set(words))
         repeats = len(words) - len(set(words))
@@ -70,6 +73,8 @@ class SyntheticPreferenceTask:
         rate, words = self.task.reference_topic_rate, []
         for _ in range(length):
             topics, others = wanted, self._other_words(rng, wanted)
+            if len({w for w in words if w in wanted}) >= self.task.topics_per_prompt:
+                topics = [t for t in topics if t in words]  # never past the gold reward's topic limit
             if not self.task.reference_repeats:
                 topics, others = [t for t in topics if t not in words], [w for w in others if w not in words]
             words.append(rng.choice(topics) if topics and rng.random() < rate else rng.choice(others))
