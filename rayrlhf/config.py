@@ -17,17 +17,22 @@ from rayrlhf.errors import ConfigError
 class Schema(BaseModel):
     """Base: unknown keys are errors, never silently ignored."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), use_attribute_docstrings=True)
 
 
 class TinyArchitecture(Schema):
     """Sizes of the randomly initialised Llama used by `source: tiny` (tests, the embedded default)."""
 
     hidden_size: int = Field(64, gt=0)
+    """Width of the tiny Llama's hidden states (and embeddings)."""
     num_layers: int = Field(2, gt=0)
+    """Decoder layers of the tiny Llama."""
     num_heads: int = Field(2, gt=0)
+    """Attention heads per layer, and as many key/value heads (no grouped-query attention)."""
     intermediate_size: int = Field(128, gt=0)
+    """Width of each layer's MLP."""
     max_position_embeddings: int = Field(512, gt=0)
+    """Longest sequence (prompt + response tokens) the tiny Llama's config declares."""
 
 
 class ModelSpec(Schema):
@@ -39,11 +44,18 @@ class ModelSpec(Schema):
     """
 
     source: str = "tiny"
+    """Where the model comes from: `tiny`, `smollm2`, `minilm`, a local transformers folder (safetensors
+    weights only: pickled ones are refused) or a hub id (see the class docstring)."""
     tokenizer: Optional[str] = None
     """Tokenizer folder; default: the model's own (for `tiny`: the task's built-in one)."""
     tiny: TinyArchitecture = TinyArchitecture()
+    """Sizes of the random Llama built when source is `tiny`; ignored for every other source."""
     dtype: Literal["float32", "bfloat16"] = "float32"
+    """Parameter dtype the model is built and trained in (bfloat16 turns DeepSpeed's bf16 mode on); the
+    policy's is also the rollout engine's dtype."""
     trust_remote_code: bool = False
+    """Passed to transformers' from_pretrained: lets a model folder or hub repository run its own Python
+    code (custom model or tokenizer classes). Off: no such code runs."""
 
     @model_validator(mode="after")
     def _local_paths_exist(self):
@@ -68,15 +80,23 @@ class DataSource(Schema):
     """
 
     format: Literal["synthetic", "tldr", "hh", "jsonl", "parquet", "hf", "rollouts"] = "synthetic"
+    """How the source is read (see the class docstring); `synthetic` builds its pairs itself and needs no path."""
     path: Optional[str] = None
+    """The data file, or for `hf` the hub dataset's name. Required by every format but `synthetic`, which
+    ignores it; a relative path is taken from the current directory."""
     split: str = "train"
     """Split name for `hf` sources."""
     prompt_key: str = "prompt"
+    """Record field holding the prompt text (formats jsonl, parquet and hf; tldr and hh have fixed layouts)."""
     chosen_key: str = "chosen"
+    """Record field holding the preferred response (formats jsonl, parquet and hf)."""
     rejected_key: str = "rejected"
+    """Record field holding the dispreferred response (formats jsonl, parquet and hf)."""
     prompt_id_key: Optional[str] = None
     """Field that groups rows by prompt (for the split); default: the prompt text itself."""
     max_records: Optional[int] = Field(None, gt=0)
+    """Stop reading after this many usable pairs (dropped ones not counted; for `rollouts`: prompts).
+    Unset: the whole source. Not applied to `synthetic`."""
 
     @model_validator(mode="after")
     def _path_present(self):
@@ -93,9 +113,15 @@ class SyntheticTask(Schema):
     """The built-in task with a programmatic gold reward (rayrlhf/data/synthetic.py)."""
 
     num_topics: int = Field(24, ge=4)
+    """Topic words t0..t{n-1} in the task's vocabulary, and as many filler words w0..w{n-1}."""
     topics_per_prompt: int = Field(3, ge=1)
+    """Distinct topic words each prompt names (a seeded draw from num_topics); with relevance any, the
+    most topics the gold reward counts."""
     num_prompts: int = Field(400, ge=2)
+    """Prompts the task generates (the same for the same seed), before data.eval_fraction splits them."""
     pairs_per_prompt: int = Field(2, ge=1)
+    """Gold-labelled pairs drawn per prompt (draws whose gold rewards tie are redrawn); the drifted
+    pairs for target evaluation have as many per prompt."""
     max_response_words: int = Field(6, ge=2)
     """Longer responses are penalised by the gold reward; the preference data never exceed it."""
     relevance: Literal["prompt", "any"] = "prompt"
@@ -124,6 +150,8 @@ class SyntheticTask(Schema):
 
 class DataConfig(Schema):
     preference: DataSource = DataSource()
+    """The labelled preference pairs: the RM's training data and held-out split. Their prompts are also
+    PPO's training prompts and the held-out evaluation prompts, their (prompt, chosen) pairs SFT's data."""
     meta: Optional[DataSource] = None
     """Unlabelled responses grouped by prompt for MetaRM (e.g. a target domain). Without it, the synthetic
     task samples them from its drifted policy; the Ray loop samples them from the current policy."""
@@ -133,9 +161,17 @@ class DataConfig(Schema):
     """Ray loop, out-of-distribution setting: the policy samples the meta data on these prompts (the target
     domain; only their prompts are read). Default: the training prompts."""
     eval_fraction: float = Field(0.1, gt=0, lt=1)
+    """Share of the preference data's prompts held out (by a hash of prompt id and seed, so no prompt is
+    on both sides): the RM's held-out accuracy and the evaluation prompts; the rest trains RM and PPO."""
     max_prompt_tokens: int = Field(256, gt=0)
+    """Prompts keep their last this many tokens (an instruction such as TL;DR: sits at the end), in
+    the RM's sequences and in the prompts the policy answers."""
     max_response_tokens: int = Field(64, gt=0)
+    """Responses the RM reads, and SFT's targets, keep their first max_response_tokens - 1 tokens
+    plus the end token. The policy's generation length is rollout.max_new_tokens."""
     synthetic: SyntheticTask = SyntheticTask()
+    """Settings of the built-in task, used by any source whose format is `synthetic` (its tokenizer serves
+    `tiny` models, its gold reward judges and labels the drifted pairs)."""
 
     @model_validator(mode="after")
     def _rollouts_are_meta_data_only(self):
@@ -151,10 +187,18 @@ class RewardTrainingConfig(Schema):
     """Reward-model training. alpha is the outer (optimizer) learning rate, eta the meta ascent rate."""
 
     method: Literal["vanilla", "metarm"] = "metarm"
+    """`metarm`: each RM step first ascends the difference loss J on a meta batch, then steps on the
+    Bradley-Terry loss at the ascended parameters (the paper, see order); `vanilla`: Bradley-Terry steps only.
+    The Ray loop's initial training before round 1 is always vanilla."""
     alpha: float = Field(5e-6, gt=0)
+    """AdamW learning rate of the RM (the outer step, vanilla or MetaRM)."""
     eta: float = Field(5e-6, gt=0)
+    """MetaRM's ascent rate: θ' = θ + η∇J on the meta batch before the preference gradient (unused by vanilla)."""
     inner_steps: int = Field(1, ge=1)
+    """Ascent steps on J per MetaRM step, each of size eta, from θ to θ'."""
     order: Literal["first", "second"] = "first"
+    """`first`: the Bradley-Terry gradient at θ' is applied to θ; `second`: the exact gradient through the
+    ascent by Hessian-vector products (eager attention; not with zero_stage 3 or gradient checkpointing)."""
     ascent_rounding: Literal["stochastic", "nearest"] = "stochastic"
     """How θ + η∇J is rounded into bfloat16 parameters (float32 ones are exact): `nearest` loses an ascent
     below half a bfloat16 unit, most of it at the paper's η; `stochastic` keeps it in expectation."""
@@ -180,13 +224,23 @@ class RewardTrainingConfig(Schema):
     initial_epochs: int = Field(1, ge=0)
     """Ray loop: vanilla epochs on the preference data before round 1 (0: use the RM as loaded)."""
     initial_max_steps: Optional[int] = Field(None, gt=0)
+    """Ray loop: stop the initial vanilla training after this many steps. Unset: initial_epochs whole
+    epochs."""
     epochs: int = Field(1, gt=0)
+    """Epochs over the preference pairs (the last partial batch dropped): per round in the Ray loop, in all
+    for `python -m rayrlhf.train_rm`, and the epochs of a Tune trial of the RM."""
     max_steps: Optional[int] = Field(None, gt=0)
+    """Stop an RM training after this many steps: each round's in the Ray loop, train_rm's, each epoch of a
+    Tune trial. Unset: epochs whole epochs."""
     weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay of the RM (0: none)."""
     adam_eps: float = Field(1e-8, gt=0)
+    """AdamW's eps (added to the denominator) of the RM optimizer."""
     max_grad_norm: float = Field(1.0, ge=0)
     """0 turns gradient clipping off."""
     zero_stage: Literal[0, 1, 2, 3] = 0
+    """DeepSpeed ZeRO stage of the RM engine: 0 plain data parallel; 1 and 2 partition the optimizer
+    state (2: also gradients) over the ranks; 3 also the parameters (not with order second)."""
     gradient_checkpointing: bool = False
     """Keep only each layer's input in the forward pass and recompute the rest during backward: activation
     memory of a layer instead of all of them, for about a third more compute (benchmarks/results/memory.md)."""
@@ -198,16 +252,32 @@ class PPOConfig(Schema):
     """PPO against the reward model (paper values by default)."""
 
     policy_lr: float = Field(5e-7, gt=0)
+    """AdamW learning rate of the policy in PPO (SFT uses sft.lr, then this again)."""
     critic_lr: float = Field(1.5e-6, gt=0)
+    """AdamW learning rate of the critic."""
     clip_range: float = Field(0.2, gt=0)
+    """ε of PPO's clipped surrogate: the probability ratio π / π_old is clipped to [1 - ε, 1 + ε]."""
     value_clip_range: float = Field(0.2, gt=0)
+    """Clipped value loss: the larger of the new value's squared error and that of the new value clipped to
+    within this of the rollout pass's value."""
     kl_coef: float = Field(0.05, ge=0)
+    """β of the KL penalty: each response token's reward is -β × its KL estimate (the clipped RM score is
+    added on the last token). With adaptive_kl, β's start value."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token estimate of KL(π || π_ref) in the penalty and the reported KL (rayrlhf/algos/kl.py):
+    `k1` the log-ratio, `k2` half its square, `k3` (r - 1) - log r with r = π_ref / π."""
     adaptive_kl: bool = False
+    """Adapt β after every PPO step toward kl_target (Ziegler et al. 2019). Off: β stays kl_coef."""
     kl_target: float = Field(6.0, gt=0)
+    """With adaptive_kl: the KL per sequence (per-token estimates summed over a response, averaged over
+    the rollout) that β is steered toward."""
     kl_horizon: int = Field(10000, gt=0)
+    """With adaptive_kl: β ← β (1 + e · n / kl_horizon) after each step, n the step's sequences and e the
+    relative KL error clipped to ±0.2; larger: β changes more slowly."""
     gamma: float = Field(1.0, ge=0, le=1)
+    """GAE discount γ over response tokens (1: no discount)."""
     lam: float = Field(0.95, ge=0, le=1)
+    """GAE λ: 0 takes one-step TD advantages (low variance, biased), 1 the full returns minus V."""
     reward_normalization: Literal["none", "running"] = "running"
     """`running`: each RM score becomes (r - mean) / std, with the mean and standard deviation of every score
     the round's RM gave so far (this step's included; reset when the RM is retrained), before reward_clip.
@@ -215,7 +285,10 @@ class PPOConfig(Schema):
     reward_clip: float = Field(0.8, gt=0)
     """PPO's sequence reward is clamped to ±reward_clip (after normalisation)."""
     epochs: int = Field(1, gt=0)
+    """Passes over each PPO step's rollout, each in a new random order."""
     mini_batches: int = Field(1, gt=0)
+    """Mini-batches per pass, each one optimizer step of the policy and one of the critic;
+    rollout_batch_size × rollout.n_per_prompt must split evenly over ppo_ranks × mini_batches."""
     rollout_batch_size: int = Field(16, gt=0)
     """Prompts per PPO step (each answered rollout.n_per_prompt times)."""
     micro_batch_size: Optional[int] = Field(None, gt=0)
@@ -225,8 +298,13 @@ class PPOConfig(Schema):
     """Sequences per no-gradient forward pass (old and reference log-probs, values) on one rank. Unset:
     micro_batch_size."""
     steps_per_round: int = Field(4, gt=0)
+    """PPO steps per round (each: rollout, RM scores, update, weight sync into the rollout workers),
+    after the round's RM training."""
     zero_stage: Literal[0, 1, 2] = 0
+    """DeepSpeed ZeRO stage of the policy and critic engines: 0 plain data parallel; 1 and 2 partition the
+    optimizer state (2: also gradients) over the PPO ranks."""
     max_grad_norm: float = Field(1.0, ge=0)
+    """Gradient-norm clipping of the policy's and the critic's updates (each engine its own); 0 turns it off."""
     gradient_checkpointing: bool = False
     """Recompute the policy's and the critic's activations during backward instead of keeping them (see
     reward.gradient_checkpointing)."""
@@ -238,16 +316,28 @@ class SFTConfig(Schema):
     """Optional supervised warm-up of the policy on the chosen responses before RL (steps 0: none)."""
 
     steps: int = Field(0, ge=0)
+    """Supervised steps on (prompt, chosen response) pairs of the training split before round 1 (0: no
+    warm-up). The policy after them is the reference of PPO's KL penalty."""
     batch_size: int = Field(16, gt=0)
+    """Pairs drawn per SFT step, split over the PPO ranks (so divisible by resources.ppo_ranks)."""
     lr: float = Field(1e-4, gt=0)
+    """The policy's learning rate during SFT; afterwards ppo.policy_lr, with the Adam moments cleared."""
 
 
 class RolloutConfig(Schema):
     engine: Literal["auto", "vllm", "hf"] = "auto"
+    """`auto`: vLLM where it imports, else `hf`; `vllm`: vLLM (an error if it is not installed); `hf`: the
+    project's transformers engine (rayrlhf/models/generation.py)."""
     temperature: float = Field(0.8, ge=0)
+    """Sampling temperature of the policy's responses (rollouts, meta data, evaluation samples); 0: greedy."""
     top_p: float = Field(0.9, gt=0, le=1)
+    """Nucleus sampling: draw from the smallest set of tokens whose probability reaches top_p (1: all tokens)."""
     max_new_tokens: int = Field(64, gt=0)
+    """Most tokens the policy generates per response (rollouts, meta data, evaluation); with
+    data.max_prompt_tokens it sets vLLM's max_model_len."""
     n_per_prompt: int = Field(1, gt=0)
+    """Responses sampled per training prompt in each PPO step: the rollout has
+    ppo.rollout_batch_size × n_per_prompt sequences."""
     vllm_in_process: bool = True
     """Run vLLM's engine core inside the rollout worker's process (VLLM_ENABLE_V1_MULTIPROCESSING=0): weights
     pass to it as tensors, not as serialised bytes, and no extra process holds a core (benchmarks/results/rollout.md)."""
@@ -272,9 +362,17 @@ class RolloutConfig(Schema):
 
 class ResourcesConfig(Schema):
     device: Literal["cpu", "cuda"] = "cpu"
+    """Where every actor computes: `cpu`, or `cuda` (needs gpus_per_actor > 0). Ranks talk over gloo on CPU,
+    NCCL on GPU."""
     reward_learner_ranks: int = Field(1, gt=0)
+    """Data-parallel ranks of the RM, one actor each; reward.batch_size and meta_batch_size must
+    split evenly over them. `python -m rayrlhf.train_rm` must run as many processes."""
     ppo_ranks: int = Field(1, gt=0)
+    """Data-parallel ranks of the policy and critic, one actor each; each takes an equal share of every
+    rollout."""
     rollout_workers: int = Field(1, gt=0)
+    """Actors that sample responses, each with a copy of the policy; a batch's prompts are split
+    contiguously over them."""
     cpus_per_actor: float = Field(1.0, gt=0)
     """CPUs reserved for each actor (rollout worker, reward-learner rank, PPO rank); fractions share a core."""
     torch_threads: Optional[int] = Field(None, gt=0)
@@ -331,17 +429,34 @@ class RunConfig(Schema):
     """Everything one run needs. `policy` generates; `reward_model` is trained by MetaRM and scores."""
 
     policy: ModelSpec = ModelSpec()
+    """The policy: PPO trains it, the rollout workers sample from it; as it is after SFT it is the frozen
+    reference of the KL penalty."""
     reward_model: ModelSpec = ModelSpec()
+    """The reward model (a backbone with a scalar head) the reward section trains; the critic starts from
+    it when ppo.critic_from_reward_model."""
     data: DataConfig = DataConfig()
+    """Where preference pairs, meta data and evaluation sets come from, and the token limits."""
     reward: RewardTrainingConfig = RewardTrainingConfig()
+    """Reward-model training: vanilla or MetaRM, batches, optimizer, and the Ray loop's per-round settings."""
     ppo: PPOConfig = PPOConfig()
+    """PPO of the policy against the RM's scores."""
     rollout: RolloutConfig = RolloutConfig()
+    """How the rollout workers sample responses and receive the policy's weights."""
     resources: ResourcesConfig = ResourcesConfig()
+    """How many actors of each role, their devices, and their placement on the Ray cluster."""
     sft: SFTConfig = SFTConfig()
+    """The optional supervised warm-up of the policy before RL."""
     evaluation: EvaluationConfig = EvaluationConfig()
+    """How policies and reward models are judged, in the round loop and by `python -m rayrlhf.eval`."""
     rounds: int = Field(3, gt=0)
+    """Rounds of the Ray loop (each: meta data, RM training, ppo.steps_per_round PPO steps, evaluation,
+    checkpoint); also the most a Tune trial of the loop reports."""
     run_dir: str = "runs/default"
+    """Folder the run writes (config.yaml, metrics.jsonl, logs/, samples/, checkpoints/, reference/, and
+    at the end policy/ and reward_model/); a relative path is taken from the current directory."""
     seed: int = 0
+    """Seeds the data split, the synthetic task, model initialisation and every stage's sampling (derived from
+    it with the round and step), so a run is reproducible."""
     resume: bool = False
     """Continue from the last checkpoint in run_dir."""
     log_level: Literal["warning", "info", "debug"] = "warning"
@@ -349,6 +464,8 @@ class RunConfig(Schema):
     and every library's errors; `info` / `debug`, every record from that level on. Every record from INFO on
     (DEBUG at `debug`) is written to run_dir/logs/, one file per process (rayrlhf/logs.py)."""
     keep_checkpoints: int = Field(2, gt=0)
+    """Round checkpoints kept besides round 0 (always kept): the newest this many; older ones are
+    deleted."""
     restarts_from_checkpoint: int = Field(2, ge=0)
     """When an actor's process dies (a learner rank, or a rollout worker past its own restarts), start every
     actor again from the last checkpoint, up to this many times per run."""

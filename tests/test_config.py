@@ -1,9 +1,12 @@
 """Config validation: every bad input is one clear paragraph naming the key, raised before anything runs."""
+import inspect
 import subprocess
 import sys
 
 import pytest
+from pydantic import BaseModel
 
+import rayrlhf.config
 from rayrlhf.config import load_config, save_config
 from rayrlhf.errors import ConfigError
 
@@ -116,3 +119,19 @@ def test_rank_count_must_match_the_config():
 def test_second_order_metarm_with_gradient_checkpointing_is_refused():
     with pytest.raises(ConfigError, match="reward.order='second' cannot run with reward.gradient_checkpointing"):
         load_config("conf/tiny.yaml", ["reward.order=second", "reward.gradient_checkpointing=true"])
+
+
+def test_every_config_field_has_a_docstring():
+    """Each field of each schema class has a docstring right under it, which pydantic reads as its description
+    (use_attribute_docstrings): what it does, its unit, what its default or None means."""
+    missing = []
+    for name, cls in inspect.getmembers(rayrlhf.config, inspect.isclass):
+        if not (issubclass(cls, BaseModel) and cls.__module__ == "rayrlhf.config"):
+            continue
+        declared = inspect.get_annotations(cls)  # the fields this class itself declares
+        for field_name, field in cls.model_fields.items():
+            if field_name not in declared:
+                continue  # inherited: checked in the class that declares it
+            if not (isinstance(field.description, str) and field.description.strip()):
+                missing.append(f"{name}.{field_name}")
+    assert not missing, f"{len(missing)} config fields without a docstring: {', '.join(missing)}"
