@@ -285,7 +285,8 @@ def summary_table(rows: List[dict]) -> List[str]:
 
 def paired_table(rows: List[dict]) -> List[str]:
     """Markdown rows: the paired per-seed differences metarm - vanilla."""
-    lines = ["| pair | method | metric | per-seed Δ (metarm − vanilla) | mean Δ | std | s.e. | seeds metarm better / vanilla better / tied |",
+    lines = ["| pair | method | metric | per-seed Δ (metarm − vanilla) | mean Δ | std | s.e. "
+             "| seeds metarm better / vanilla better / tied |",
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         deltas = ", ".join(f"s{s}: {d:+.4f}" for s, d in zip(row["seeds"], row["deltas"]))

@@ -13,7 +13,8 @@ matrix product of a batch runs as fast as a large square one does here.
 `smollm2-random` is the SmolLM2-135M architecture with random weights (no model file needed) fed random
 prompt tokens.
 
-All engines sample with the same temperature and top-p (the paper's 0.8 and 0.9 unless given) and stop at eos, so response lengths differ between
+All engines sample with the same temperature and top-p (the paper's 0.8 and 0.9 unless given) and stop at eos,
+so response lengths differ between
 engines; tokens/s counts the tokens each one actually generated. The first call of each engine is a warm-up.
 """
 import argparse
@@ -29,7 +30,7 @@ from rayrlhf.config import ModelSpec, SyntheticTask
 from rayrlhf.data.batches import end_token_id
 from rayrlhf.data.synthetic import SyntheticPreferenceTask
 from rayrlhf.models.build import build_causal_lm, load_tokenizer, save_model
-from rayrlhf.models.generation import TransformersEngine
+from rayrlhf.engines.generation import TransformersEngine
 
 
 
@@ -101,7 +102,7 @@ def timed(function, repeats):
 
 def vllm_results(model, tokenizer, prompts, args, seed):
     """vLLM's tokens/s, its start time, and one weight sync's time beside a memory copy of the same bytes."""
-    from rayrlhf.models.vllm_engine import VLLMEngine
+    from rayrlhf.engines.vllm_engine import VLLMEngine
 
     with tempfile.TemporaryDirectory() as folder:
         save_model(model, tokenizer, f"{folder}/policy")
@@ -184,7 +185,8 @@ def main():
     model = model.to(args.device).eval()
     prompts = prompts_for(tokenizer, args.prompts, args.model, args.prompt_tokens)
     parameters = sum(p.numel() for p in model.parameters())
-    machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    machine = torch.cuda.get_device_name() if args.device == "cuda" else cpu
     print(f"machine: {machine}; torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads")
     print(f"model: {args.model} ({parameters / 1e6:.1f}M parameters, {dtype}); {len(prompts)} prompts of up to "
           f"{max(map(len, prompts))} tokens, up to {args.new_tokens} new tokens, temperature {args.temperature}, top-p {args.top_p}; "

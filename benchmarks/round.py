@@ -4,7 +4,7 @@ same classes called directly), so the difference is what Ray costs.
     .venv/bin/python benchmarks/round.py [key=value ...]      (overrides of conf/tiny.yaml, e.g. rounds=2)
 
 Through Ray: load_config("conf/tiny.yaml", overrides), a local Ray, start_actors, Pipeline(...).start(), then
-each round replays Pipeline.round / ppo_step / sync_weights / checkpoint call by call (the same actor
+each round replays Pipeline.round / ppo_step / WeightSync.push / checkpoint call by call (the same actor
 methods, the same seeds from stage_seed), timing every call. In-process: RolloutWorker, RewardLearner and
 PPOTrainer instantiated in this process (one rank each, sharing this process's one torch.distributed group),
 started as Pipeline.start does (initial RM, critic from the RM, SFT, weight sync), then the same round.
@@ -47,13 +47,9 @@ class ThroughRay:
 
     def __init__(self, pipeline: Pipeline):
         self.pipeline, self.kl, self.run_dir = pipeline, pipeline.kl, pipeline.run_dir
-        self.generate, self.sync_weights, self.checkpoint = pipeline.generate, pipeline.sync_weights, pipeline.checkpoint
-
-    def learner(self, method, *args):
-        return self.pipeline.actors.reward_learner.call_first(method, *args)
-
-    def trainer(self, method, *args):
-        return self.pipeline.actors.ppo_trainer.call_first(method, *args)
+        self.generate, self.sync_weights, self.checkpoint = pipeline.generate, pipeline.weight_sync.push, pipeline.checkpoint
+        # the groups' methods have the actors' names and answers: the stages below call either side alike
+        self.learner, self.trainer = pipeline.actors.reward_learner, pipeline.actors.ppo_trainer
 
 
 class InProcess:
@@ -66,26 +62,20 @@ class InProcess:
         self.config, self.kl, self.run_dir, self.version = config, kl, run_dir, 0
         init_distributed("cpu")  # the one group of this process; both join_process_group calls find it
         self.workers = [RolloutWorker(config, i) for i in range(resources.rollout_workers)]
-        self._learner, self._trainer = RewardLearner(config, 0, 1), PPOTrainer(config, 0, 1)
-        self._learner.join_process_group("", 0)  # returns from init_distributed at once, then builds the RM engine
-        self._trainer.join_process_group("", 0)
-        self._learner.train_initial()
-        self._learner.evaluate()
-        self._trainer.build(self._learner.critic_weights() if config.ppo.critic_from_reward_model else None, None)
+        self.learner, self.trainer = RewardLearner(config, 0, 1), PPOTrainer(config, 0, 1)
+        self.learner.join_process_group("", 0)  # returns from init_distributed at once, then builds the RM engine
+        self.trainer.join_process_group("", 0)
+        self.learner.train_initial()
+        self.learner.evaluate()
+        self.trainer.build(self.learner.critic_weights() if config.ppo.critic_from_reward_model else None, None)
         if config.sft.steps:
             rng = random.Random(stage_seed(config.seed, 0, 0, 1))
             for _ in range(config.sft.steps):
                 batch = rng.sample(prompts.sft, config.sft.batch_size)
-                self._trainer.sft_step([p for p, _ in batch], [r for _, r in batch])
-            self._trainer.end_sft()
+                self.trainer.sft_step([p for p, _ in batch], [r for _, r in batch])
+            self.trainer.end_sft()
         self.checkpoint(0)
         self.sync_weights()
-
-    def learner(self, method, *args):
-        return getattr(self._learner, method)(*args)
-
-    def trainer(self, method, *args):
-        return getattr(self._trainer, method)(*args)
 
     def generate(self, prompts, n, seed):  # Pipeline.generate's split, one worker after another
         share = -(-len(prompts) // len(self.workers))
@@ -96,20 +86,20 @@ class InProcess:
 
     def sync_weights(self):
         self.version += 1
-        weights = self._trainer.policy_weights()
+        weights = self.trainer.policy_weights()
         for worker in self.workers:
             worker.load_weights(weights, self.version)
 
     def checkpoint(self, round_index):
         staging = begin_checkpoint(self.run_dir, round_index)
-        self._learner.save_checkpoint(str(staging))
-        self._trainer.save_checkpoint(str(staging))
+        self.learner.save_checkpoint(str(staging))
+        self.trainer.save_checkpoint(str(staging))
         commit_checkpoint(staging, {"round": round_index}, self.config.keep_checkpoints)
 
 
 def diagnostics(side, groups, task) -> None:
     """Pipeline.group_diagnostics."""
-    rewards = torch.tensor(side.learner("group_scores", groups))
+    rewards = torch.tensor(side.learner.group_scores(groups))
     reward_difference_statistics(rewards)
     if task is not None:
         gold = torch.tensor([[task.gold_reward(p, r) for r in responses] for p, responses in groups])
@@ -131,16 +121,16 @@ def one_round(side, config, prompts, task, r: int, times) -> list:
     groups = _groups(meta)
     timed(STAGES[1], diagnostics, side, groups, task)
     if reward.reset_each_round:
-        timed(STAGES[2], side.learner, "load_checkpoint", str(checkpoint_path(side.run_dir, 0)))
+        timed(STAGES[2], side.learner.load_checkpoint, str(checkpoint_path(side.run_dir, 0)))
     use_policy_meta = reward.method == "metarm" and reward.meta_source == "policy"
-    timed(STAGES[2], side.learner, "train_round", r, groups if use_policy_meta else None)
-    timed(STAGES[1], side.learner, "evaluate")
+    timed(STAGES[2], side.learner.train_round, r, groups if use_policy_meta else None)
+    timed(STAGES[1], side.learner.evaluate)
     timed(STAGES[1], diagnostics, side, groups, task)
     for step in range(1, ppo.steps_per_round + 1):
         step_prompts = random.Random(stage_seed(seed, r, step, 4)).sample(prompts.train, min(ppo.rollout_batch_size, len(prompts.train)))
         rollout = timed(STAGES[3], side.generate, step_prompts, config.rollout.n_per_prompt, stage_seed(seed, r, step, 5))
-        scores = timed(STAGES[4], side.learner, "score", rollout.prompt_texts, rollout.response_texts)
-        metrics = timed(STAGES[5], side.trainer, "ppo_step", rollout, scores, side.kl.value, stage_seed(seed, r, step, 6), r)
+        scores = timed(STAGES[4], side.learner.score, rollout.prompt_texts, rollout.response_texts)
+        metrics = timed(STAGES[5], side.trainer.ppo_step, rollout, scores, side.kl.value, stage_seed(seed, r, step, 6), r)
         timed(STAGES[6], side.sync_weights)
         started = time.perf_counter()
         side.kl.update(metrics["kl_per_sequence"], len(rollout))

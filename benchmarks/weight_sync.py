@@ -1,6 +1,6 @@
 """One weight sync through Ray, as the pipeline does it, beside copying the same bytes in memory: a sender actor
 holding the policy (as the PPO trainer's rank 0) and receiver actors holding the transformers engine (as
-rollout workers), for both transports of rayrlhf/actors/weight_sync.py and a few bucket sizes.
+rollout workers), for both transports of rayrlhf/training/weight_buckets.py and a few bucket sizes.
 
     .venv/bin/python benchmarks/weight_sync.py [--model smollm2|smollm2-random] [--device cpu|cuda] [--workers 2]
 
@@ -20,9 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from rollout import smollm2_random  # noqa: E402
 
-from rayrlhf.actors.weight_sync import (BroadcastGroup, bucket_from_object_store, distinct_tensors,  # noqa: E402
+from rayrlhf.training.weight_buckets import (BroadcastGroup, bucket_from_object_store, distinct_tensors,  # noqa: E402
                                         open_shared, pack_bucket, plan_buckets, share_on_gpu, unpack_bucket)
-from rayrlhf.models.generation import TransformersEngine  # noqa: E402
+from rayrlhf.engines.generation import TransformersEngine  # noqa: E402
 from rayrlhf.training.distributed import free_port  # noqa: E402
 
 
@@ -129,7 +129,8 @@ def main():
     sender = ray.remote(Sender).options(**options).remote(args.model, args.device, 1)
     receivers = [ray.remote(Receiver).options(**options).remote(args.model, args.device, 1) for _ in range(args.workers)]
     size = ray.get(sender.size.remote())
-    machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    machine = torch.cuda.get_device_name() if args.device == "cuda" else cpu
     print(f"machine: {machine}; torch {torch.__version__}, ray {ray.__version__}")
     print(f"model: {args.model}, {size / 2**20:.0f} MiB sent per sync (tied tensors once); {args.workers} receivers; "
           f"mean of 3 syncs after a warm-up\n")

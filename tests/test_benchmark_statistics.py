@@ -55,3 +55,17 @@ def test_experiment_a_pairs_metarm_with_vanilla_of_the_same_seed():
     (row,) = experiment_a.paired(runs)
     assert row["seeds"] == [0, 1] and row["deltas"] == pytest.approx([0.05, -0.02])
     assert row["mean"] == pytest.approx(0.015) and (row["metarm_better"], row["vanilla_better"]) == (1, 1)
+
+
+def test_compare_runs_ignores_what_the_machine_measured_and_finds_the_rest(tmp_path):
+    compare_runs = load("compare_runs")
+    lines = {"a": ['{"phase": "ppo", "step": 1, "reward_mean": 0.5, "ppo_seconds": 1.0, "peak_memory_gb_ppo": 2.0}',
+                   '{"phase": "checkpoint", "step": 1, "checkpoint_seconds": 0.3}'],
+             "b": ['{"phase": "ppo", "step": 1, "reward_mean": 0.5, "ppo_seconds": 9.0, "peak_memory_gb_ppo": 3.0}'],
+             "c": ['{"phase": "ppo", "step": 1, "reward_mean": 0.25, "ppo_seconds": 1.0}']}
+    for name, records in lines.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(records) + "\n")
+    a, b, c = (compare_runs.comparable_records(tmp_path / name) for name in "abc")
+    assert compare_runs.differences(a, b) == []
+    assert compare_runs.differences(a, c) == ["record 0 (ppo 1): reward_mean 0.5 != 0.25"]

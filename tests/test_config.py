@@ -36,7 +36,8 @@ def test_wrong_type_names_key_and_value():
     assert "reward.alpha" in message and "'fast'" in message
 
 
-@pytest.mark.parametrize("override", ["reward.alpha=0", "reward.eta=-1e-5", "ppo.policy_lr=0", "reward.batch_size=0", "reward.meta_batch_size=-2"])
+@pytest.mark.parametrize("override", ["reward.alpha=0", "reward.eta=-1e-5", "ppo.policy_lr=0", "reward.batch_size=0",
+                                      "reward.meta_batch_size=-2"])
 def test_non_positive_rates_and_batches(override):
     key, _, value = override.partition("=")
     message = error_for(override)

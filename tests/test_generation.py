@@ -1,4 +1,4 @@
-"""Tests of rayrlhf/models/generation.py on a tiny random Llama, each checked against an independent
+"""Tests of rayrlhf/engines/generation.py on a tiny random Llama, each checked against an independent
 computation: transformers' own greedy `generate` on each unpadded prompt, a plain full forward pass for the
 log-probs, and hand-worked probabilities for the top-p filter.
 """
@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from rayrlhf.models.generation import TransformersEngine, generate
-from rayrlhf.models.sampling import next_tokens, top_p_filter
-from rayrlhf.models.static_decoding import GROUPED_DECODE_ATTENTION, StaticCacheDecoder
+from rayrlhf.engines.generation import TransformersEngine, generate
+from rayrlhf.engines.sampling import next_tokens, top_p_filter
+from rayrlhf.engines.static_decoding import GROUPED_DECODE_ATTENTION, StaticCacheDecoder
 
 EOS, PAD = 1, 0
 PROMPTS = [[3, 5, 7], [3, 9, 11, 13, 15, 17, 19], [3, 22], [3, 30, 31, 32, 33]]  # different lengths

@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rayrlhf.models.generation import TransformersEngine, generate
-from rayrlhf.models.static_decoding import StaticCacheDecoder
+from rayrlhf.engines.generation import TransformersEngine, generate
+from rayrlhf.engines.static_decoding import StaticCacheDecoder
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

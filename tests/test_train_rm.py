@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow
 
 
 def train_rm(*args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "rayrlhf.train_rm", *args], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=900)
+    result = subprocess.run([sys.executable, "-m", "rayrlhf.train_rm", *args], cwd=ROOT, env=child_env(), capture_output=True,
+                            text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

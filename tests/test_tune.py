@@ -124,7 +124,8 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path):
                       search={"algorithm": "grid"}, scheduler={"name": "fifo"}, max_concurrent=1)
     storage = tmp_path / "sweeps"
     folder = storage / "metarm_tldr"
-    process = subprocess.Popen(tune_command(path, f"storage_path={storage}", "config.reward.epochs=2"), cwd=ROOT,
+    quick = ("config.reward.epochs=2",)
+    process = subprocess.Popen(tune_command(path, f"storage_path={storage}", *quick), cwd=ROOT,
                                env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600
     while not finished_trials(folder, 2) and process.poll() is None and time.monotonic() < deadline:
@@ -134,7 +135,7 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path):
     finished = {p: p.read_text() for p in finished_trials(folder, 2)}
     assert finished and len(finished) < 3, stderr[-3000:]
 
-    result = run_tune(path, f"storage_path={storage}", "config.reward.epochs=2", "resume=true")
+    result = run_tune(path, f"storage_path={storage}", *quick, "resume=true")
     trials = read_trials(folder)
     assert len(trials) == 3 and all(t["status"] == "finished" for t in trials), result.stdout[-3000:]
     for result_file, content in finished.items():

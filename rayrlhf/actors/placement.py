@@ -4,7 +4,7 @@ import logging
 import os
 import socket
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, Generic, List, Optional, TypeVar
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group
@@ -14,6 +14,7 @@ from rayrlhf.config import ResourcesConfig, RunConfig
 from rayrlhf.errors import ConfigError
 
 READY_TIMEOUT_S = 120
+ActorT = TypeVar("ActorT")
 
 
 def connect_ray():
@@ -149,30 +150,23 @@ class RankActor(MemoryReporting):
         return ray.util.get_node_ip_address(), port
 
 
-class RankGroup:
-    """Actors that are ranks 0..N-1 of one group; `call` runs a method on all of them at once."""
+class RankGroup(Generic[ActorT]):
+    """Actors that are ranks 0..N-1 of one group. Subclasses (RewardLearnerGroup, PPOTrainerGroup) give each of the
+    actor's methods a typed driver-side twin that runs it on every rank at once: the ranks meet in collectives."""
 
-    def __init__(self, actors: List[Any]):
-        self.actors = actors
+    def __init__(self, actors: List[ActorT]):
+        self.actors = actors  # Ray handles of ActorT actors
 
-    def call(self, method: str, *args, **kwargs) -> List[Any]:
-        """Every rank's answer. Fails as soon as one rank fails: the others may be waiting in a collective
-        for the failed one, and would hang until its timeout."""
-        references = self.call_refs(method, *args, **kwargs)
+    def on_every_rank(self, start: Callable[[ActorT], ray.ObjectRef]) -> List[Any]:
+        """Every rank's answer to the remote call `start(rank)` makes. Fails as soon as one rank fails: the others
+        may be waiting in a collective for the failed one, and would hang until its timeout."""
+        references = [start(actor) for actor in self.actors]
         pending = list(references)
         while pending:
             finished, pending = ray.wait(pending, num_returns=1)
             ray.get(finished)  # raises now if that rank failed
         return ray.get(references)
 
-    def call_refs(self, method: str, *args, **kwargs) -> List[Any]:
-        """Start the method on every rank; return the ObjectRefs (to pass on without fetching)."""
-        return [getattr(actor, method).remote(*args, **kwargs) for actor in self.actors]
-
-    def call_first(self, method: str, *args, **kwargs) -> Any:
-        """Run on every rank (collectives need them all); return rank 0's answer."""
-        return self.call(method, *args, **kwargs)[0]
-
     def form_process_group(self) -> None:
         address, port = ray.get(self.actors[0].rendezvous_address.remote())
-        self.call("join_process_group", address, port)
+        self.on_every_rank(lambda rank: rank.join_process_group.remote(address, port))

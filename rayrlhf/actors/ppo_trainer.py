@@ -1,7 +1,7 @@
 """PPOTrainer: one rank of the PPO group, holding policy, critic and reference (rayrlhf/training/ppo_learner.py).
 
 Every rank receives the whole rollout and trains on its own contiguous share of the rows; rank 0 hands
-out the policy weights for the rollout workers.
+out the policy weights for the rollout workers. The driver calls the ranks through PPOTrainerGroup (below).
 """
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -19,8 +19,8 @@ from rayrlhf.models.build import build_causal_lm, build_reward_model, load_token
 from rayrlhf.training.distributed import init_distributed, teardown_distributed
 from rayrlhf.training.ppo_learner import PPOLearner
 
-from rayrlhf.actors.placement import RankActor, prepare_actor_process
-from rayrlhf.actors.weight_sync import (BroadcastGroup, TensorSlot, distinct_tensors, pack_bucket, plan_buckets,
+from rayrlhf.actors.placement import RankActor, RankGroup, prepare_actor_process
+from rayrlhf.training.weight_buckets import (BroadcastGroup, TensorSlot, distinct_tensors, pack_bucket, plan_buckets,
                                         share_on_gpu)
 
 
@@ -61,7 +61,8 @@ class PPOTrainer(RankActor):
         limit = self.config.data.max_response_tokens - 1
         responses = [self.tokenizer(r, add_special_tokens=False)["input_ids"][:limit] + [end_token_id(self.tokenizer)]
                      for r in self._mine(responses)]
-        return self.learner.sft_step(encode_prompts(self.tokenizer, self._mine(prompts), self.config.data.max_prompt_tokens), responses, self.config.sft.lr)
+        prompt_ids = encode_prompts(self.tokenizer, self._mine(prompts), self.config.data.max_prompt_tokens)
+        return self.learner.sft_step(prompt_ids, responses, self.config.sft.lr)
 
     def end_sft(self) -> None:
         self.learner.end_sft()
@@ -80,7 +81,7 @@ class PPOTrainer(RankActor):
     def policy_weights(self) -> Dict[str, torch.Tensor]:
         return self.learner.policy_weights()
 
-    # ---- weight sync into the rollout workers (rank 0 only; rayrlhf/actors/weight_sync.py) ----
+    # ---- weight sync into the rollout workers (rank 0 only; rayrlhf/training/weight_buckets.py) ----
     def policy_bucket_plan(self, bucket_bytes: int) -> List[List[TensorSlot]]:
         return plan_buckets(distinct_tensors(self.learner.policy.module.state_dict()), bucket_bytes)
 
@@ -119,3 +120,32 @@ class PPOTrainer(RankActor):
 
     def shutdown(self) -> None:
         teardown_distributed()
+
+
+class PPOTrainerGroup(RankGroup[PPOTrainer]):
+    """The driver's side of the PPO trainer: each method runs PPOTrainer's method of the same name on every rank
+    at once and returns rank 0's answer. Weight sync talks to rank 0 alone (rayrlhf/pipeline.py)."""
+
+    def build(self, critic_weights, reference_folder: Optional[str]) -> None:
+        """critic_weights: a dict of tensors, an ObjectRef of one (resolved in each rank), or None."""
+        self.on_every_rank(lambda rank: rank.build.remote(critic_weights, reference_folder))
+
+    def sft_step(self, prompts: Sequence[str], responses: Sequence[str]) -> Dict[str, float]:
+        return self.on_every_rank(lambda rank: rank.sft_step.remote(prompts, responses))[0]
+
+    def end_sft(self) -> None:
+        self.on_every_rank(lambda rank: rank.end_sft.remote())
+
+    def ppo_step(self, rollout: Rollout, scores: List[float], kl_coefficient: float, seed: int,
+                 round_index: int) -> Dict[str, float]:
+        return self.on_every_rank(
+            lambda rank: rank.ppo_step.remote(rollout, scores, kl_coefficient, seed, round_index))[0]
+
+    def save_checkpoint(self, folder: str, round_index: int = 0) -> None:
+        self.on_every_rank(lambda rank: rank.save_checkpoint.remote(folder, round_index))
+
+    def load_checkpoint(self, folder: str) -> None:
+        self.on_every_rank(lambda rank: rank.load_checkpoint.remote(folder))
+
+    def save_policy(self, folder: str, reference: bool = False) -> None:
+        self.on_every_rank(lambda rank: rank.save_policy.remote(folder, reference))

@@ -1,6 +1,6 @@
 """RewardLearner: one rank of the reward-model group. Every rank loads the preference data itself, holds a
 DeepSpeed RM engine (rayrlhf/training/reward_trainer.py) and takes its share of each global batch; the
-driver calls every method on all ranks at once (RankGroup) and reads rank 0's answer.
+driver calls every method on all ranks at once through RewardLearnerGroup (below) and reads rank 0's answer.
 
 Text crosses the actor boundary, not token ids: the RM may tokenize differently from the policy.
 """
@@ -20,7 +20,9 @@ from rayrlhf.training.distributed import init_distributed, teardown_distributed
 from rayrlhf.training.reward_trainer import (RewardModelTrainer, build_reward_trainer, evaluate_reward_data,
                                              evaluation_batch_count, group_passes, train_steps)
 
-from rayrlhf.actors.placement import RankActor, prepare_actor_process
+import ray
+
+from rayrlhf.actors.placement import RankActor, RankGroup, prepare_actor_process
 
 MetaGroups = List[Tuple[str, List[str]]]
 """(prompt, k responses) per prompt: MetaRM's meta data as text."""
@@ -41,10 +43,6 @@ class RewardLearner(RankActor):
         """Form the group with the other ranks, then build the engine (DeepSpeed needs the group)."""
         init_distributed(self.config.resources.device, self.rank, self.world_size, master_port, master_addr)
         self.trainer = build_reward_trainer(self.config, self.tokenizer, self.world_size)
-
-    def data_sizes(self) -> Dict[str, int]:
-        return {"train_pairs": len(self.data.train), "eval_pairs": len(self.data.evaluation),
-                "target_pairs": len(self.data.target or [])}
 
     def _encode(self, prompt: str, response: str) -> List[int]:
         data = self.config.data
@@ -183,6 +181,50 @@ class RewardLearner(RankActor):
 
     def shutdown(self) -> None:
         teardown_distributed()
+
+
+class RewardLearnerGroup(RankGroup[RewardLearner]):
+    """The driver's side of the reward learner: each method runs RewardLearner's method of the same name on every
+    rank at once and returns rank 0's answer (the ranks compute the same one)."""
+
+    def train_initial(self) -> Dict[str, float]:
+        return self.on_every_rank(lambda rank: rank.train_initial.remote())[0]
+
+    def train_round(self, round_index: int, meta_groups: Optional[MetaGroups]) -> Dict[str, float]:
+        return self.on_every_rank(lambda rank: rank.train_round.remote(round_index, meta_groups))[0]
+
+    def train_epoch(self, epoch: int) -> Dict[str, float]:
+        return self.on_every_rank(lambda rank: rank.train_epoch.remote(epoch))[0]
+
+    def evaluate(self) -> Dict[str, float]:
+        return self.on_every_rank(lambda rank: rank.evaluate.remote())[0]
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> List[float]:
+        return self.on_every_rank(lambda rank: rank.score.remote(prompts, responses))[0]
+
+    def group_scores(self, meta_groups: MetaGroups) -> List[List[float]]:
+        return self.on_every_rank(lambda rank: rank.group_scores.remote(meta_groups))[0]
+
+    def critic_weights_reference(self) -> ray.ObjectRef:
+        """Rank 0's critic_weights as an ObjectRef, to pass on without fetching (every rank is asked: gathering
+        sharded parameters is a collective)."""
+        return [rank.critic_weights.remote() for rank in self.actors][0]
+
+    def save_checkpoint(self, folder: str) -> None:
+        self.on_every_rank(lambda rank: rank.save_checkpoint.remote(folder))
+
+    def load_checkpoint(self, folder: str) -> None:
+        self.on_every_rank(lambda rank: rank.load_checkpoint.remote(folder))
+
+    def checkpoint_files(self) -> List[Dict[str, bytes]]:
+        """Every rank's checkpoint_files."""
+        return self.on_every_rank(lambda rank: rank.checkpoint_files.remote())
+
+    def load_checkpoint_files(self, files: Dict[str, bytes]) -> None:
+        self.on_every_rank(lambda rank: rank.load_checkpoint_files.remote(files))
+
+    def save_model(self, folder: str) -> None:
+        self.on_every_rank(lambda rank: rank.save_model.remote(folder))
 
 
 def _summary(history: List[Dict[str, float]], prefix: str) -> Dict[str, float]:

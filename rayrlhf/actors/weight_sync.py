@@ -1,7 +1,7 @@
-"""Moving the policy from the PPO trainer's rank 0 into every rollout worker after each update, in buckets.
+"""Weight sync, the driver's side: the policy from the PPO trainer's rank 0 into every rollout worker after each
+update. WeightSync owns the transport, the broadcast group's set-up, the weights' version number and the re-sync
+of a restarted worker; the buckets themselves are rayrlhf/training/weight_buckets.py.
 
-Rank 0 lays the policy's tensors (tied ones once) end to end in flat byte buckets of about
-rollout.weight_sync_bucket_mb; a worker reads each bucket's tensors as views and copies them into its engine.
 Three transports (rollout.weight_sync):
 
 - `object_store`: rank 0 puts each bucket into Ray's object store and the driver hands the references on.
@@ -14,118 +14,58 @@ Three transports (rollout.weight_sync):
 - `cuda_ipc`: for actors sharing one GPU. Rank 0 packs the buckets on the GPU and hands out CUDA IPC handles;
   each worker opens them in its own process and copies device to device. Nothing leaves the GPU.
 """
-import datetime
-import warnings
-from dataclasses import dataclass
-from typing import Dict, List
+import time
+from typing import List
 
-import torch
-import torch.distributed as dist
-from torch.multiprocessing.reductions import reduce_tensor
+import ray
 
-ALIGNMENT = 16  # bytes: every tensor starts aligned, so a view of the bucket can take any dtype
-GROUP_TIMEOUT = datetime.timedelta(minutes=10)
+WORKER_RESTART_TIMEOUT_S = 600  # a restarted worker rebuilds its engine (vLLM: tens of seconds on a CPU)
 
 
-@dataclass(frozen=True)
-class TensorSlot:
-    """Where one tensor lies in its bucket."""
+class WeightSync:
+    """Pushes rank 0's policy into the rollout workers; the driver handles references only."""
 
-    name: str
-    shape: tuple
-    dtype: torch.dtype
-    offset: int  # bytes from the bucket's start
-    nbytes: int
+    def __init__(self, trainer, workers: List, transport: str, bucket_mb: float):
+        self.trainer = trainer  # the PPOTrainer of rank 0 (a Ray handle)
+        self.workers = workers  # RolloutWorker handles
+        self.transport = transport
+        self.bucket_bytes = int(bucket_mb * 2**20)
+        self.version = 0  # of the weights the workers hold: each push adds one
+        self.plan = None  # the broadcast's bucket layout, once its group is formed
 
+    def push(self) -> None:
+        """The current policy into every worker, as the next version."""
+        self.version += 1
+        trainer, workers = self.trainer, self.workers
+        if self.transport == "object_store":
+            buckets = trainer.policy_to_object_store.remote(self.bucket_bytes)  # resolved in each worker, not here
+            ray.get([w.load_weight_buckets.remote(buckets, self.version) for w in workers])
+            return
+        if self.transport == "cuda_ipc":
+            handles = trainer.policy_on_gpu.remote(self.bucket_bytes)
+            ray.get([w.load_shared_buckets.remote(handles, self.version) for w in workers])
+            return
+        if self.plan is None:  # first push: form the group, agree on the bucket layout
+            address, port = ray.get(trainer.rendezvous_address.remote())
+            members = 1 + len(workers)
+            ray.get([trainer.join_weight_group.remote(address, port, members)]
+                    + [w.join_weight_group.remote(address, port, index + 1, members) for index, w in enumerate(workers)])
+            self.plan = ray.get(trainer.policy_bucket_plan.remote(self.bucket_bytes))
+        ray.get([trainer.broadcast_policy.remote(self.plan)]
+                + [w.receive_policy.remote(self.plan, self.version) for w in workers])
 
-def distinct_tensors(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """The state dict without the second name of tied tensors (e.g. lm_head sharing embed_tokens' storage):
-    engines tie them again themselves, and sending them twice doubles the bytes."""
-    distinct, seen = {}, set()
-    for name, tensor in state_dict.items():
-        key = (tensor.data_ptr(), tensor.shape, tensor.dtype)
-        if key not in seen:
-            seen.add(key)
-            distinct[name] = tensor
-    return distinct
-
-
-def plan_buckets(tensors: Dict[str, torch.Tensor], bucket_bytes: int) -> List[List[TensorSlot]]:
-    """Tensors in order, packed into buckets of at most `bucket_bytes` (a larger tensor gets a bucket alone)."""
-    buckets: List[List[TensorSlot]] = [[]]
-    offset = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if buckets[-1] and offset + nbytes > bucket_bytes:
-            buckets.append([])
-            offset = 0
-        buckets[-1].append(TensorSlot(name, tuple(tensor.shape), tensor.dtype, offset, nbytes))
-        offset += -(-nbytes // ALIGNMENT) * ALIGNMENT
-    return [bucket for bucket in buckets if bucket]
-
-
-def bucket_size(bucket: List[TensorSlot]) -> int:
-    return bucket[-1].offset + bucket[-1].nbytes
-
-
-def pack_bucket(tensors: Dict[str, torch.Tensor], bucket: List[TensorSlot]) -> torch.Tensor:
-    """One flat uint8 tensor (on the tensors' device) holding the bucket's tensors at their offsets."""
-    flat = torch.zeros(bucket_size(bucket), dtype=torch.uint8, device=tensors[bucket[0].name].device)
-    for slot in bucket:
-        flat[slot.offset:slot.offset + slot.nbytes] = tensors[slot.name].detach().contiguous().reshape(-1).view(torch.uint8)
-    return flat
-
-
-def unpack_bucket(flat: torch.Tensor, bucket: List[TensorSlot]) -> Dict[str, torch.Tensor]:
-    """The bucket's tensors as views of `flat` (no copy)."""
-    return {slot.name: flat[slot.offset:slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape) for slot in bucket}
-
-
-def bucket_from_object_store(array) -> torch.Tensor:
-    """A uint8 tensor over a bucket read from the object store: a read-only numpy view of shared memory, which
-    is only read from (copied into the engine), so torch's warning about writing to it does not apply."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(array)
-
-
-def share_on_gpu(flat: torch.Tensor) -> tuple:
-    """A picklable CUDA IPC handle of a GPU tensor; the tensor must stay alive until every reader is done."""
-    return reduce_tensor(flat)
-
-
-def open_shared(handle: tuple) -> torch.Tensor:
-    """The GPU tensor behind a handle from `share_on_gpu`, opened in this process (same GPU, no copy)."""
-    rebuild, arguments = handle
-    return rebuild(*arguments)
-
-
-class BroadcastGroup:
-    """A process group of rank 0 of the PPO trainer (member 0) and the rollout workers (members 1..N), apart
-    from the trainer's own DeepSpeed group: NCCL on CUDA, gloo on CPU."""
-
-    def __init__(self, address: str, port: int, member: int, members: int, device: str):
-        store = dist.TCPStore(address, port, members, is_master=member == 0, timeout=GROUP_TIMEOUT)
-        if device == "cuda":
-            self.group = dist.ProcessGroupNCCL(store, member, members)
-        else:
-            self.group = dist.ProcessGroupGloo(store, member, members, GROUP_TIMEOUT)
-        self.device = device
-
-    def broadcast(self, flat: torch.Tensor) -> torch.Tensor:
-        """Member 0's `flat` into every member's `flat` (same size), in place."""
-        options = dist.BroadcastOptions()
-        options.rootRank = 0
-        self.group.broadcast([flat], options).wait()
-        return flat
-
-    def send(self, tensors: Dict[str, torch.Tensor], plan: List[List[TensorSlot]]) -> None:
-        for bucket in plan:
-            self.broadcast(pack_bucket(tensors, bucket))
-
-    def receive(self, plan: List[List[TensorSlot]]) -> Dict[str, torch.Tensor]:
-        received = {}
-        for bucket in plan:
-            flat = torch.empty(bucket_size(bucket), dtype=torch.uint8, device=self.device)
-            received.update(unpack_bucket(self.broadcast(flat), bucket))
-        return received
+    def resync(self, worker) -> None:
+        """The current policy into a worker Ray restarted (through the object store, whatever the transport: a
+        broadcast group lost a member and is formed again at the next push)."""
+        deadline = time.monotonic() + WORKER_RESTART_TIMEOUT_S
+        while True:  # calls fail with ActorUnavailableError until Ray has restarted it
+            try:
+                ray.get(worker.ready.remote())
+                break
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+        buckets = self.trainer.policy_to_object_store.remote(self.bucket_bytes)
+        ray.get(worker.load_weight_buckets.remote(buckets, self.version))
+        self.plan = None

@@ -6,7 +6,6 @@ log_ratio = log π(a) - log π_ref(a), per token:
     k2 = ½ log_ratio²                   biased, low variance, >= 0
     k3 = (r - 1) - log r,  r = π_ref/π  unbiased, low variance, >= 0
 """
-import math
 
 import torch
 
@@ -49,8 +48,3 @@ class AdaptiveKLController:
     def update(self, observed_kl: float, num_steps: int) -> None:
         proportional_error = min(max(observed_kl / self.target_kl - 1.0, -0.2), 0.2)
         self.value *= 1.0 + proportional_error * num_steps / self.horizon
-
-
-def gaussian_kl(mean_p: float, std_p: float, mean_q: float, std_q: float) -> float:
-    """Closed-form KL(N(μp, σp²) || N(μq, σq²)), to check the sample estimators against."""
-    return math.log(std_q / std_p) + (std_p**2 + (mean_p - mean_q) ** 2) / (2 * std_q**2) - 0.5

@@ -7,17 +7,15 @@ L_θ(X_t) the Bradley-Terry loss on the preference batch, η the meta (ascent) l
     first order:  g = ∇_θ' L(θ')  with θ' = θ_inner_steps   (applied to θ by the optimizer)
     second order: g = ∇_θ L(θ'(θ)) = Π_i (I + η H_J(θ_i)) ∇L(θ')   (exact; H_J the Hessian of J)
 
-Functions here take `params: dict[str, Tensor]` and objectives `params -> scalar`, so they are testable
-on a two-parameter model by hand. The DeepSpeed trainer (rayrlhf/training/reward_trainer.py) runs the same update
-on an engine; tests check the two agree.
+Functions here take `params: dict[str, Tensor]`, so they are testable on a two-parameter model by hand. The
+DeepSpeed trainer (rayrlhf/training/reward_trainer.py) runs the update with them on an engine; the tests check
+it against an independent torch.func reference of the whole update (tests/helpers/metarm_reference.py).
 """
 from typing import Callable, Dict, List, Optional
 
 import torch
-from torch.func import grad
 
 Params = Dict[str, torch.Tensor]
-Objective = Callable[[Params], torch.Tensor]
 HessianVectorProduct = Callable[[Params, Params], Params]
 
 
@@ -60,39 +58,6 @@ def ascent_kept(moved_along_step: float, step_squared: float) -> float:
     most of the step does, and the MetaRM step quietly becomes a vanilla one. Stochastic rounding
     (round_to_dtype) keeps it at 1 in expectation."""
     return moved_along_step / step_squared if step_squared > 0 else 1.0
-
-
-def inner_trajectory(params: Params, difference_objective: Objective, eta: float, inner_steps: int) -> List[Params]:
-    """[θ_0, θ_1, ..., θ_inner_steps]: `inner_steps` ascent steps on J, each from the last."""
-    if inner_steps < 1:
-        raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
-    trajectory = [params]
-    for _ in range(inner_steps):
-        trajectory.append(ascent_step(trajectory[-1], grad(difference_objective)(trajectory[-1]), eta))
-    return trajectory
-
-
-def first_order_meta_gradient(
-    params: Params, difference_objective: Objective, preference_objective: Objective, eta: float, inner_steps: int
-) -> Params:
-    """DESIGN.md step 4, first order: ∇_θ' L_θ'(X_t), to be applied to θ (not to θ')."""
-    adapted = inner_trajectory(params, difference_objective, eta, inner_steps)[-1]
-    return grad(preference_objective)(adapted)
-
-
-def second_order_meta_gradient(
-    params: Params, difference_objective: Objective, preference_objective: Objective, eta: float, inner_steps: int
-) -> Params:
-    """The exact gradient ∇_θ L(θ'(θ)), differentiating through the unrolled ascent with torch.func."""
-
-    def loss_after_ascent(theta: Params) -> torch.Tensor:
-        for _ in range(inner_steps):
-            theta = ascent_step(theta, grad(difference_objective)(theta), eta)
-        return preference_objective(theta)
-
-    if inner_steps < 1:
-        raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
-    return grad(loss_after_ascent)(params)
 
 
 def backprop_through_ascent(

@@ -47,13 +47,6 @@ class RunningRewardMoments:
         return math.sqrt(self.m2 / self.count) if self.count else 1.0
 
 
-def whiten(values: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(values - mean) / std over all elements; with shift_mean=False the mean is added back."""
-    mean, variance = values.mean(), values.var(unbiased=False)
-    whitened = (values - mean) * torch.rsqrt(variance + eps)
-    return whitened if shift_mean else whitened + mean
-
-
 def token_level_rewards(
     sequence_rewards: torch.Tensor, kl_per_token: torch.Tensor, mask: torch.Tensor, kl_coefficient: float
 ) -> torch.Tensor:

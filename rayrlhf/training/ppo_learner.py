@@ -14,6 +14,7 @@ a time. Per step (Ouyang et al. 2022; the MetaRM paper's settings):
     epochs × mini-batches of the clipped policy and value losses
 """
 import copy
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -39,6 +40,26 @@ from rayrlhf.data.rollouts import Rollout, SequenceBatch, collate_sequences
 from rayrlhf.models.heads import token_values
 from rayrlhf.training.distributed import average_across_ranks
 from rayrlhf.training.engines import accumulate_gradients, deepspeed_config, enable_gradient_checkpointing
+
+
+@dataclass
+class Experience:
+    """What the PPO epochs need, for this rank's B rows of R response positions (all (B, R) but the last)."""
+
+    batch: SequenceBatch  # prompt + response token ids
+    mask: torch.Tensor  # 1.0 on response tokens
+    old_log_probs: torch.Tensor  # log π_old of the response tokens (the policy before this step)
+    values: torch.Tensor  # V_old, the critic before this step
+    advantages: torch.Tensor  # GAE, whitened over every rank's tokens
+    returns: torch.Tensor  # A + V_old: the value targets
+    kl: torch.Tensor  # the KL estimate to the reference, per token
+    entropy: torch.Tensor  # of π_old, per token
+    logprob_mismatch: torch.Tensor  # (): mean |log π_engine - log π_old|, how far the rollout engine's log-probs are
+
+    def rows(self, chosen: torch.Tensor) -> "Experience":
+        """The rows `chosen` (indices): one mini-batch."""
+        per_row = {f.name: getattr(self, f.name)[chosen] for f in fields(self) if f.name not in ("batch", "logprob_mismatch")}
+        return Experience(batch=self.batch.select(chosen), logprob_mismatch=self.logprob_mismatch, **per_row)
 
 
 def build_engine(model: nn.Module, lr: float, micro_batch_size: int, zero_stage: int, max_grad_norm: float):
@@ -152,16 +173,13 @@ class PPOLearner:
         _sum_over_ranks(sums)
         advantages = masked_whiten(advantages, mask, *sums)
         engine_log_probs = _padded(rollout.log_probs, mask.shape).to(self.device)
-        return {
-            "batch": batch, "mask": mask, "old_log_probs": old_log_probs, "values": values,
-            "advantages": advantages, "returns": returns, "kl": kl, "entropy": entropy,
-            "logprob_mismatch": masked_mean((engine_log_probs - old_log_probs).abs(), mask),
-        }
+        return Experience(batch, mask, old_log_probs, values, advantages, returns, kl, entropy,
+                          logprob_mismatch=masked_mean((engine_log_probs - old_log_probs).abs(), mask))
 
-    def train(self, experience: Dict[str, torch.Tensor], seed: int) -> Dict[str, float]:
+    def train(self, experience: "Experience", seed: int) -> Dict[str, float]:
         """settings.epochs passes of settings.mini_batches mini-batches; returns means over the updates."""
         settings = self.settings
-        rows = experience["mask"].shape[0]
+        rows = experience.mask.shape[0]
         size = rows // settings.mini_batches
         generator = torch.Generator().manual_seed(seed)
         self.policy.train()
@@ -171,25 +189,24 @@ class PPOLearner:
             order = torch.randperm(rows, generator=generator)
             for start in range(0, rows - size + 1, size):
                 chosen = order[start : start + size].to(self.device)
-                history.append(self._update({k: v.select(chosen) if k == "batch" else v[chosen]
-                                             for k, v in experience.items() if k != "logprob_mismatch"}))
+                history.append(self._update(experience.rows(chosen)))
         metrics = {name: sum(h[name] for h in history) / len(history) for name in history[0]}
         return metrics
 
-    def _update(self, part: Dict) -> Dict[str, float]:
-        settings, mask = self.settings, part["mask"]
+    def _update(self, part: "Experience") -> Dict[str, float]:
+        settings, mask = self.settings, part.mask
 
         def policy_loss_of(micro: SequenceBatch, rows: slice):
             log_probs, _ = response_log_probs(self.policy, micro, with_entropy=False)
-            return clipped_policy_loss(log_probs, part["old_log_probs"][rows], part["advantages"][rows], mask[rows],
+            return clipped_policy_loss(log_probs, part.old_log_probs[rows], part.advantages[rows], mask[rows],
                                        settings.clip_range)
 
         def value_loss_of(micro: SequenceBatch, rows: slice):
-            return clipped_value_loss(response_values(self.critic, micro), part["values"][rows],
-                                      part["returns"][rows], mask[rows], settings.value_clip_range)
+            return clipped_value_loss(response_values(self.critic, micro), part.values[rows],
+                                      part.returns[rows], mask[rows], settings.value_clip_range)
 
-        policy = self._accumulated_step(self.policy, part["batch"], mask, policy_loss_of)
-        critic = self._accumulated_step(self.critic, part["batch"], mask, value_loss_of)
+        policy = self._accumulated_step(self.policy, part.batch, mask, policy_loss_of)
+        critic = self._accumulated_step(self.critic, part.batch, mask, value_loss_of)
         return {"policy_loss": policy.pop("loss"), "value_loss": critic.pop("loss"), **policy, **critic}
 
     def _accumulated_step(self, engine, batch: SequenceBatch, mask: torch.Tensor,
@@ -214,17 +231,17 @@ class PPOLearner:
         engine.step()
         return totals
 
-    def summarise(self, experience: Dict[str, torch.Tensor], trained: Dict[str, float]) -> Dict[str, float]:
+    def summarise(self, experience: "Experience", trained: Dict[str, float]) -> Dict[str, float]:
         """Step metrics averaged over ranks: KL to the reference, entropy, length, explained variance, losses."""
-        mask = experience["mask"]
+        mask = experience.mask
         local = {
             **trained,
-            "kl_per_token": masked_mean(experience["kl"], mask).item(),
-            "kl_per_sequence": experience["kl"].sum(dim=1).mean().item(),
-            "entropy": masked_mean(experience["entropy"], mask).item(),
+            "kl_per_token": masked_mean(experience.kl, mask).item(),
+            "kl_per_sequence": experience.kl.sum(dim=1).mean().item(),
+            "entropy": masked_mean(experience.entropy, mask).item(),
             "response_length": mask.sum(dim=1).mean().item(),
-            "explained_variance": explained_variance(experience["values"], experience["returns"], mask).item(),
-            "logprob_mismatch": experience["logprob_mismatch"].item(),
+            "explained_variance": explained_variance(experience.values, experience.returns, mask).item(),
+            "logprob_mismatch": experience.logprob_mismatch.item(),
         }
         values = torch.tensor(list(local.values()), dtype=torch.float64)
         average_across_ranks([values])

@@ -14,16 +14,19 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict
+from typing import TYPE_CHECKING, Any, Dict
 
 import ray
 from ray import tune
 from ray.tune import Checkpoint, PlacementGroupFactory
 
-from rayrlhf.actors.placement import RankGroup, bundle, bundles, start_actor
+from rayrlhf.actors.placement import bundle, bundles, start_actor
 from rayrlhf.checkpoints import read_files, write_files
 from rayrlhf.config import RunConfig
 from rayrlhf.tuning.sweep_config import trial_config
+
+if TYPE_CHECKING:
+    from rayrlhf.actors.reward_learner import RewardLearnerGroup
 
 TIME_ATTRIBUTE = {"reward_model": "epoch", "rlhf": "round"}
 """The reported counter ASHA's rungs are measured in."""
@@ -52,19 +55,19 @@ def reward_model_trial(params: Dict[str, Any], base: RunConfig, working_dir: str
     config = _enter_trial(params, base, working_dir)
     # The RM phase trains on fixed meta data; the written best config keeps the base's meta_source.
     config = config.model_copy(update={"reward": config.reward.model_copy(update={"meta_source": "data"})})
-    from rayrlhf.actors.reward_learner import RewardLearner
+    from rayrlhf.actors.reward_learner import RewardLearner, RewardLearnerGroup
 
     ranks = config.resources.reward_learner_ranks
     group = ray.util.get_current_placement_group()
-    learner = RankGroup([start_actor(RewardLearner, group, 1 + rank, config.resources, config, rank, ranks)
-                         for rank in range(ranks)])
+    learner = RewardLearnerGroup([start_actor(RewardLearner, group, 1 + rank, config.resources, config, rank, ranks)
+                                  for rank in range(ranks)])
     try:
         learner.form_process_group()
         done = _restore_reward_model(learner)
         for epoch in range(done + 1, config.reward.epochs + 1):
-            results = {"epoch": epoch, **learner.call_first("train_epoch", epoch), **learner.call_first("evaluate")}
+            results = {"epoch": epoch, **learner.train_epoch(epoch), **learner.evaluate()}
             files: Dict[str, bytes] = {}
-            for rank_files in learner.call("checkpoint_files"):
+            for rank_files in learner.checkpoint_files():
                 files.update(rank_files)
             with tempfile.TemporaryDirectory() as folder:
                 write_files(Path(folder) / "reward_model", files)
@@ -75,13 +78,13 @@ def reward_model_trial(params: Dict[str, Any], base: RunConfig, working_dir: str
             ray.kill(actor)
 
 
-def _restore_reward_model(learner: RankGroup) -> int:
+def _restore_reward_model(learner: "RewardLearnerGroup") -> int:
     """Load the trial's last Tune checkpoint into every rank; the epochs it holds (0 without one)."""
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         return 0
     with checkpoint.as_directory() as folder:
-        learner.call("load_checkpoint_files", read_files(Path(folder) / "reward_model"))
+        learner.load_checkpoint_files(read_files(Path(folder) / "reward_model"))
         return json.loads((Path(folder) / "trial.json").read_text())["epoch"]
 
 
@@ -89,7 +92,7 @@ def rlhf_trial(params: Dict[str, Any], base: RunConfig, working_dir: str) -> Non
     """The Ray loop in the trial's bundles; its run dir (with its own checkpoints) is the trial's `run/`.
     A restored trial continues from that run dir's last checkpoint (resume=true)."""
     from rayrlhf.checkpoints import latest_checkpoint
-    from rayrlhf.run import run
+    from rayrlhf.launch import launch
 
     config = _enter_trial(params, base, working_dir)
     config = config.model_copy(update={"resume": latest_checkpoint(Path(config.run_dir)) is not None})
@@ -105,8 +108,8 @@ def rlhf_trial(params: Dict[str, Any], base: RunConfig, working_dir: str) -> Non
 
     # The last round is reported once the run has written its final models and rounds.csv: Tune ends a
     # trial at its last report, before anything after it runs.
-    history = run(config, on_round=report_all_but_the_last, placement=ray.util.get_current_placement_group(),
-                  first_bundle=1)
+    history = launch(config, on_round=report_all_but_the_last, placement=ray.util.get_current_placement_group(),
+                     first_bundle=1)
     report_round(history[-1])
 
 

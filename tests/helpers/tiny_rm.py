@@ -2,7 +2,8 @@
 
     python -m torch.distributed.run --nproc_per_node N tests/helpers/tiny_rm.py OUT.pt ZERO_STAGE ORDER [MICRO META_MICRO]
 
-runs STEPS MetaRM steps (ORDER first or second; `vanilla`: vanilla steps) on the global batches (each rank its share, in micro-batches of MICRO pairs and
+runs STEPS MetaRM steps (ORDER first or second; `vanilla`: vanilla steps) on the global batches (each rank its share,
+in micro-batches of MICRO pairs and
 META_MICRO meta prompts when given) and has rank 0 save the parameters.
 """
 import sys

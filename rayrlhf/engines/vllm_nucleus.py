@@ -4,9 +4,9 @@ On CPU, vLLM's own top-p sorts every row's whole vocabulary every step: 35% of v
 time for SmolLM2-135M (benchmarks/results/rollout.md). So `VLLMEngine` asks vLLM for top_p=1.0, which skips
 its sort, and passes the real top-p here in the request's extra_args. vLLM calls this processor after
 temperature scaling and before sampling, as it would its own top-p: the same nucleus, found by a top-k of a
-few hundred tokens where that covers it (rayrlhf/models/sampling.py).
+few hundred tokens where that covers it (rayrlhf/engines/sampling.py).
 
-Loaded by vLLM by name ("rayrlhf.models.vllm_nucleus:NucleusFilter"); imports vLLM, unlike vllm_engine.py.
+Loaded by vLLM by name ("rayrlhf.engines.vllm_nucleus:NucleusFilter"); imports vLLM, unlike vllm_engine.py.
 """
 from typing import Dict, Optional
 
@@ -15,7 +15,7 @@ from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
-from rayrlhf.models.sampling import top_p_filter
+from rayrlhf.engines.sampling import top_p_filter
 
 TOP_P_KEY = "rayrlhf_top_p"  # the request's top-p, in SamplingParams.extra_args
 

