@@ -124,7 +124,7 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path):
                       search={"algorithm": "grid"}, scheduler={"name": "fifo"}, max_concurrent=1)
     storage = tmp_path / "sweeps"
     folder = storage / "metarm_tldr"
-    quick = ("config.reward.epochs=2",)
+    quick = ("config.reward.epochs=2", "config.reward.max_steps=8")  # 8 of an epoch's 21 steps: the machinery only
     process = subprocess.Popen(tune_command(path, f"storage_path={storage}", *quick), cwd=ROOT,
                                env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600
@@ -148,7 +148,8 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path):
 def test_a_loop_sweep_with_optuna_reports_every_round_of_whole_runs(tmp_path):
     path = sweep_file(tmp_path, LOOP_SWEEP, num_samples=2, scheduler={"name": "fifo"})
     storage = tmp_path / "sweeps"
-    run_tune(path, f"storage_path={storage}", "config.rounds=2")
+    run_tune(path, f"storage_path={storage}", "config.rounds=2", "config.sft.steps=40", "config.sft.batch_size=16",
+             "config.rollout.max_new_tokens=12")
     folder = storage / "metarm_loop"
     assert list(folder.glob("searcher-state-*.pkl"))  # Optuna's TPE chose the points
     trials = read_trials(folder)
@@ -173,8 +174,8 @@ def test_concurrent_trials_each_run_their_own_group_of_ranks(tmp_path):
     path = sweep_file(tmp_path, space={"reward.eta": {"grid": [1e-3, 1e-2]}}, search={"algorithm": "grid"},
                       scheduler={"name": "fifo"}, max_concurrent=2)
     storage = tmp_path / "sweeps"
-    run_tune(path, f"storage_path={storage}", "config.reward.epochs=1", "config.resources.reward_learner_ranks=2",
-             "config.resources.cpus_per_actor=0.4")
+    run_tune(path, f"storage_path={storage}", "config.reward.epochs=1", "config.reward.max_steps=8",
+             "config.resources.reward_learner_ranks=2", "config.resources.cpus_per_actor=0.4")
     folder = storage / "metarm_tldr"
     assert [t["status"] for t in read_trials(folder)] == ["finished", "finished"]
     # The two trials' 2-rank gloo groups trained at the same time, so each had its own group and port.
