@@ -327,7 +327,7 @@ class SFTConfig(Schema):
 class RolloutConfig(Schema):
     engine: Literal["auto", "vllm", "hf"] = "auto"
     """`auto`: vLLM where it imports, else `hf`; `vllm`: vLLM (an error if it is not installed); `hf`: the
-    project's transformers engine (rayrlhf/models/generation.py)."""
+    project's transformers engine (rayrlhf/engines/generation.py)."""
     temperature: float = Field(0.8, ge=0)
     """Sampling temperature of the policy's responses (rollouts, meta data, evaluation samples); 0: greedy."""
     top_p: float = Field(0.9, gt=0, le=1)
