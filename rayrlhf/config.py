@@ -132,6 +132,12 @@ class SyntheticTask(Schema):
     """With relevance any: what each distinct topic word beyond topics_per_prompt costs the gold reward (0: relevance
     is only capped there). The labelled data never name more than topics_per_prompt topics, so a proxy RM cannot
     learn this cost: gold and proxy agree up to the limit and part past it, along the one direction PPO climbs."""
+    labeller_topic_limit: Optional[int] = Field(None, ge=1)
+    """With relevance any: the most distinct topic words the labellers of the preference pairs count, with no
+    excess penalty (unset: topics_per_prompt, the gold reward's own limit). Above topics_per_prompt it models
+    labellers biased towards more topics than the gold reward values: the labelled data then name up to this many
+    topics and label more as better, so a proxy RM learns the bias inside its data and PPO can climb it past the
+    gold reward's limit. Evaluation (gold reward, gold-labelled pairs of the policy's samples) uses the gold."""
     reference_topic_rate: float = Field(0.4, gt=0, lt=1)
     """The share of prompt topics among the words of the labelled data's responses (the rest are fillers)."""
     reference_max_words: Optional[int] = Field(None, ge=1)

@@ -174,6 +174,26 @@ def test_synthetic_labelled_data_never_pass_the_topic_limit():
     assert max(distinct_topics) == 2 and distinct_topics.count(2) > 100
 
 
+def test_biased_labellers_count_topics_past_the_gold_limit():
+    """With labeller_topic_limit 4 over a gold limit of 2, the labelled data name up to 4 topics and are ordered by
+    the labellers' reward (more topics better), while the gold reward, and the drifted pairs, charge the excess."""
+    task = SyntheticPreferenceTask(SyntheticTask(relevance="any", topics_per_prompt=2, labeller_topic_limit=4,
+                                                 reference_topic_rate=0.6, excess_topic_penalty=1.0), 0)
+    # 3 distinct topics, no repeats, 4 words <= L: labellers 3; gold min(3, 2) - 1.0 * (3 - 2) = 1
+    assert task.labeller_reward("Q: t1 t2 A:", "t7 t9 t1 w1") == 3.0
+    assert task.gold_reward("Q: t1 t2 A:", "t7 t9 t1 w1") == 1.0
+    pairs = task.preference_pairs()
+    distinct_topics = [len({w for w in r[side].split() if w.startswith("t")}) for r in pairs for side in ("chosen", "rejected")]
+    assert max(distinct_topics) == 4 and distinct_topics.count(4) > 50
+    assert all(task.labeller_reward(r["prompt"], r["chosen"]) > task.labeller_reward(r["prompt"], r["rejected"])
+               for r in pairs)
+    assert any(task.gold_reward(r["prompt"], r["chosen"]) < task.gold_reward(r["prompt"], r["rejected"]) for r in pairs)
+    assert all(task.gold_reward(r["prompt"], r["chosen"]) > task.gold_reward(r["prompt"], r["rejected"])
+               for r in task.drifted_pairs())
+    unbiased = SyntheticPreferenceTask(SyntheticTask(relevance="any", topics_per_prompt=2, excess_topic_penalty=1.0), 0)
+    assert unbiased.labeller_reward("Q: t1 t2 A:", "t7 t9 t1 w1") == unbiased.gold_reward("Q: t1 t2 A:", "t7 t9 t1 w1")
+
+
 def test_synthetic_any_relevance_labelled_data_mention_topics_of_every_kind():
     task = SyntheticPreferenceTask(SyntheticTask(relevance="any", reference_topic_rate=0.25), 0)
     pairs = task.preference_pairs()

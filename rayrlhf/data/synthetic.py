@@ -13,6 +13,8 @@ responses are never longer than L, never name more than topics_per_prompt topics
 longer means more relevant and a proxy RM learns "longer is better" and "more topics is better". A policy
 optimised against that RM can drift to long, repetitive or topic-stuffed responses, where the gold reward falls
 and the proxy RM is wrong (measured in docs/results.md: on the embedded default within 10 rounds in 1 seed of 5).
+With labeller_topic_limit above topics_per_prompt, the pairs are labelled by biased labellers who count
+topics up to that limit with no penalty (`labeller_reward`), so the RM learns the bias inside its data.
 `drifted_response_groups` samples that shifted region (MetaRM's meta data without a policy); `drifted_pairs`
 labels it by gold for evaluation.
 """
@@ -54,10 +56,22 @@ class SyntheticPreferenceTask:
 
     def gold_reward(self, prompt: str, response: str) -> float:
         """gold(x, y) of the module docstring."""
+        return self._reward(prompt, response, self.task.topics_per_prompt, self.task.excess_topic_penalty)
+
+    def labeller_reward(self, prompt: str, response: str) -> float:
+        """What the preference pairs' labellers prefer: the gold reward, except that with a labeller_topic_limit
+        they count distinct topics up to it, with no excess penalty (a bias towards more topics)."""
+        return self._reward(prompt, response, self._labeller_topic_limit(),
+                            0.0 if self.task.labeller_topic_limit else self.task.excess_topic_penalty)
+
+    def _labeller_topic_limit(self) -> int:
+        return self.task.labeller_topic_limit or self.task.topics_per_prompt
+
+    def _reward(self, prompt: str, response: str, topic_limit: int, excess_topic_penalty: float) -> float:
         words = response.split()
         if self.task.relevance == "any":
-            distinct_topics, limit = len({w for w in words if w.startswith("t")}), self.task.topics_per_prompt
-            relevance = min(distinct_topics, limit) - self.task.excess_topic_penalty * max(0, distinct_topics - limit)
+            distinct_topics = len({w for w in words if w.startswith("t")})
+            relevance = min(distinct_topics, topic_limit) - excess_topic_penalty * max(0, distinct_topics - topic_limit)
         else:
             relevance = len(set(prompt.split()[1:-1]) & set(words))
         repeats = len(words) - len(set(words))
@@ -73,8 +87,8 @@ class SyntheticPreferenceTask:
         rate, words = self.task.reference_topic_rate, []
         for _ in range(length):
             topics, others = wanted, self._other_words(rng, wanted)
-            if len({w for w in words if w in wanted}) >= self.task.topics_per_prompt:
-                topics = [t for t in topics if t in words]  # never past the gold reward's topic limit
+            if len({w for w in words if w in wanted}) >= self._labeller_topic_limit():
+                topics = [t for t in topics if t in words]  # never past the topic limit the labellers count
             if not self.task.reference_repeats:
                 topics, others = [t for t in topics if t not in words], [w for w in others if w not in words]
             words.append(rng.choice(topics) if topics and rng.random() < rate else rng.choice(others))
@@ -99,14 +113,16 @@ class SyntheticPreferenceTask:
         """The prompts of the drifted data: the first drifted_prompts of them (all when unset)."""
         return self.prompts()[: self.task.drifted_prompts]
 
-    def _pairs(self, sample, salt: int, prompts: List[Tuple[str, str]]) -> datasets.Dataset:
+    def _pairs(self, sample, salt: int, prompts: List[Tuple[str, str]], label) -> datasets.Dataset:
+        """pairs_per_prompt pairs per prompt of two draws of `sample`, ordered by `label` (a reward of
+        prompt and response), which also gives chosen_gold and rejected_gold."""
         rng = random.Random(self.seed * 1_000_003 + salt)
         rows = []
         for prompt_id, prompt in prompts:
             made = 0
             while made < self.task.pairs_per_prompt:
                 first, second = sample(rng, prompt), sample(rng, prompt)
-                gold_first, gold_second = self.gold_reward(prompt, first), self.gold_reward(prompt, second)
+                gold_first, gold_second = label(prompt, first), label(prompt, second)
                 if gold_first == gold_second:
                     continue  # ties carry no preference
                 chosen, rejected = (first, second) if gold_first > gold_second else (second, first)
@@ -118,12 +134,13 @@ class SyntheticPreferenceTask:
         return datasets.Dataset.from_list(rows)
 
     def preference_pairs(self) -> datasets.Dataset:
-        """Gold-labelled pairs from the reference distribution (the RM's training data)."""
-        return self._pairs(self._reference_response, salt=1, prompts=self.prompts())
+        """Pairs from the reference distribution labelled by the labellers (the RM's training data); the same as
+        gold labels unless labeller_topic_limit is set, and then chosen_gold/rejected_gold are the labellers'."""
+        return self._pairs(self._reference_response, salt=1, prompts=self.prompts(), label=self.labeller_reward)
 
     def drifted_pairs(self) -> datasets.Dataset:
         """Gold-labelled pairs from the drifted distribution (where a proxy RM fails)."""
-        return self._pairs(self._drifted_response, salt=2, prompts=self._drifted_prompts())
+        return self._pairs(self._drifted_response, salt=2, prompts=self._drifted_prompts(), label=self.gold_reward)
 
     def drifted_response_groups(self, samples_per_prompt: int) -> datasets.Dataset:
         """Unlabelled groups of k drifted responses per prompt: MetaRM's meta data without a policy."""
