@@ -46,7 +46,7 @@ class DomainPair:
 
 
 PAIRS: Dict[str, DomainPair] = {
-    "tldr-cnndm": DomainPair("conf/rm_tldr.yaml", "TL;DR (Reddit posts)", "CNN/DailyMail (news)", None),
+    "tldr-cnndm": DomainPair("conf/rm_tldr.yaml", "TL;DR (Reddit posts)", "CNN/DailyMail (news)", 300),
     "hh-helpful-harmless": DomainPair("conf/rm_hh.yaml", "HH-RLHF helpful-base", "HH-RLHF harmless-base", 300),
 }
 METRICS = ("eval_accuracy", "target_accuracy", "reward_difference_variance")
@@ -80,7 +80,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--preference-records", type=int, default=1200,
                         help="data.preference.max_records, before the train/held-out split (0: all; TL;DR has 1,097)")
     parser.add_argument("--target-records", type=int, default=-1,
-                        help="data.meta and data.target_eval max_records (-1: per-pair default, hh 300, tldr all 437; 0: all)")
+                        help="data.meta and data.target_eval max_records (-1: the per-pair default, 300 of each target; 0: all)")
     parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                         help="extra train_rm override for every run (repeatable); PAIR:KEY=VALUE for one pair")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once")
