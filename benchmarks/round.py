@@ -5,7 +5,7 @@ same classes called directly), so the difference is what Ray costs.
 
 Through Ray: load_config("conf/tiny.yaml", overrides), a local Ray, start_actors, Pipeline(...).start(), then
 each round replays Pipeline.round / ppo_step / WeightSync.push / checkpoint call by call (the same actor
-methods, the same seeds from stage_seed), timing every call. In-process: RolloutWorker, RewardLearner and
+methods, the same seeds from rayrlhf/seeds.py), timing every call. In-process: RolloutWorker, RewardLearner and
 PPOTrainer instantiated in this process (one rank each, sharing this process's one torch.distributed group),
 started as Pipeline.start does (initial RM, critic from the RM, SFT, weight sync), then the same round.
 The two run interleaved round by round, so machine noise hits both alike. One warm-up round is not
@@ -35,7 +35,8 @@ from rayrlhf.checkpoints import begin_checkpoint, checkpoint_path, commit_checkp
 from rayrlhf.config import load_config  # noqa: E402
 from rayrlhf.data.rollouts import Rollout  # noqa: E402
 from rayrlhf.data.synthetic import SyntheticPreferenceTask  # noqa: E402
-from rayrlhf.pipeline import Pipeline, _groups, load_prompt_sets, stage_seed, start_actors, worker_seed  # noqa: E402
+from rayrlhf.pipeline import Pipeline, _groups, load_prompt_sets, start_actors  # noqa: E402
+from rayrlhf.seeds import Stream, loop_seed, worker_seed  # noqa: E402
 from rayrlhf.training.distributed import exit_distributed_process, init_distributed  # noqa: E402
 
 STAGES = ["generation: meta data", "RM diagnostics + evaluation", "RM training", "generation: PPO rollouts",
@@ -69,7 +70,7 @@ class InProcess:
         self.learner.evaluate()
         self.trainer.build(self.learner.critic_weights() if config.ppo.critic_from_reward_model else None, None)
         if config.sft.steps:
-            rng = random.Random(stage_seed(config.seed, 0, 0, 1))
+            rng = random.Random(loop_seed(config.seed, Stream.SFT_BATCHES))
             for _ in range(config.sft.steps):
                 batch = rng.sample(prompts.sft, config.sft.batch_size)
                 self.trainer.sft_step([p for p, _ in batch], [r for _, r in batch])
@@ -116,8 +117,9 @@ def one_round(side, config, prompts, task, r: int, times) -> list:
 
     reward, ppo, seed, work = config.reward, config.ppo, config.seed, []
     round_started = time.perf_counter()
-    meta_prompts = random.Random(stage_seed(seed, r, 0, 2)).sample(prompts.meta, min(reward.meta_prompts_per_round, len(prompts.meta)))
-    meta = timed(STAGES[0], side.generate, meta_prompts, reward.samples_per_prompt, stage_seed(seed, r, 0, 3))
+    meta_prompts = random.Random(loop_seed(seed, Stream.META_PROMPTS, r)).sample(
+        prompts.meta, min(reward.meta_prompts_per_round, len(prompts.meta)))
+    meta = timed(STAGES[0], side.generate, meta_prompts, reward.samples_per_prompt, loop_seed(seed, Stream.META_SAMPLING, r))
     groups = _groups(meta)
     timed(STAGES[1], diagnostics, side, groups, task)
     if reward.reset_each_round:
@@ -127,10 +129,11 @@ def one_round(side, config, prompts, task, r: int, times) -> list:
     timed(STAGES[1], side.learner.evaluate)
     timed(STAGES[1], diagnostics, side, groups, task)
     for step in range(1, ppo.steps_per_round + 1):
-        step_prompts = random.Random(stage_seed(seed, r, step, 4)).sample(prompts.train, min(ppo.rollout_batch_size, len(prompts.train)))
-        rollout = timed(STAGES[3], side.generate, step_prompts, config.rollout.n_per_prompt, stage_seed(seed, r, step, 5))
+        step_prompts = random.Random(loop_seed(seed, Stream.PPO_PROMPTS, r, step)).sample(
+            prompts.train, min(ppo.rollout_batch_size, len(prompts.train)))
+        rollout = timed(STAGES[3], side.generate, step_prompts, config.rollout.n_per_prompt, loop_seed(seed, Stream.PPO_SAMPLING, r, step))
         scores = timed(STAGES[4], side.learner.score, rollout.prompt_texts, rollout.response_texts)
-        metrics = timed(STAGES[5], side.trainer.ppo_step, rollout, scores, side.kl.value, stage_seed(seed, r, step, 6), r)
+        metrics = timed(STAGES[5], side.trainer.ppo_step, rollout, scores, side.kl.value, loop_seed(seed, Stream.PPO_UPDATE, r, step), r)
         timed(STAGES[6], side.sync_weights)
         started = time.perf_counter()
         side.kl.update(metrics["kl_per_sequence"], len(rollout))

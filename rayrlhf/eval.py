@@ -26,8 +26,7 @@ from rayrlhf.evaluation.policies import (PolicySamples, checkpoint_policies, kl_
 from rayrlhf.evaluation.report import write_report, write_responses
 from rayrlhf.evaluation.reward_models import load_reward_model, preference_sets, round_reward_differences, set_accuracy
 from rayrlhf.models.build import load_tokenizer
-
-EVALUATION_SEED_SALT = 7_919  # the held-out samples' seed is config.seed + this: apart from every training stage's
+from rayrlhf.seeds import evaluation_seed
 
 
 def load_run(run_dir: str, overrides: List[str]) -> RunConfig:
@@ -55,7 +54,7 @@ def evaluate_policies(config: RunConfig, run_dir: Path, prompts: List[str], judg
     """Every policy's samples on the held-out prompts: judged against the initial policy's, KL to it, length,
     diversity. The initial policy's row has its own judged score, length and diversity. Returns the numbers and
     the samples, by policy."""
-    evaluation, seed = config.evaluation, config.seed + EVALUATION_SEED_SALT
+    evaluation, seed = config.evaluation, evaluation_seed(config.seed)
     tokenizer = load_tokenizer(ModelSpec(source=str(run_dir / "reference")))
     names = ["final"] if (run_dir / "policy" / "config.json").is_file() else []
     names = (checkpoint_policies(run_dir) if evaluation.checkpoint_rounds else []) + names
@@ -99,7 +98,7 @@ def evaluate_run(config: RunConfig) -> Dict[str, Any]:
         "run_dir": str(run_dir), "judge": judge.name if judge else None,
         "settings": {"prompts": len(prompts), "samples_per_prompt": config.evaluation.samples_per_prompt,
                      "temperature": config.rollout.temperature, "top_p": config.rollout.top_p,
-                     "seed": config.seed + EVALUATION_SEED_SALT, "tie_margin": config.evaluation.tie_margin},
+                     "seed": evaluation_seed(config.seed), "tie_margin": config.evaluation.tie_margin},
         "policies": policies,
         "reward_models": evaluate_reward_models(config, run_dir, sets),
         "preference_sets": {name: len(pairs) for name, pairs in sets.items()},

@@ -35,6 +35,7 @@ from rayrlhf.algos.rewards import RunningRewardMoments, gold_pair_accuracy, norm
 from rayrlhf.checkpoints import begin_checkpoint, checkpoint_path, commit_checkpoint, latest_checkpoint, read_state
 from rayrlhf.config import RunConfig
 from rayrlhf.errors import ConfigError
+from rayrlhf.seeds import Stream, loop_seed, worker_seed
 from rayrlhf.logs import actor_environment
 from rayrlhf.data.rollouts import Rollout
 from rayrlhf.data.sources import load_preference_pairs, split_by_prompt
@@ -99,15 +100,6 @@ def check_sample_sizes(config: RunConfig, train_prompts: int, meta_prompts: int,
                               "more data")
 
 
-def stage_seed(seed: int, round_index: int, step: int, salt: int = 0) -> int:
-    return ((seed * 1_000 + round_index) * 10_000 + step) * 10 + salt
-
-
-def worker_seed(stage: int, worker_index: int) -> int:
-    """Each rollout worker's generator seed within a stage, apart from every other stage's seed."""
-    return stage * 1009 + worker_index
-
-
 @dataclass
 class Actors:
     rollout_workers: List
@@ -134,14 +126,39 @@ def start_actors(config: RunConfig, given: Optional[PlacementGroup] = None, firs
     workers = [start_actor(RolloutWorker, group, next(slots), resources, config, i,
                            max_restarts=resources.rollout_worker_restarts, environment=environment)
                for i in range(resources.rollout_workers)]
-    learner = RewardLearnerGroup([start_actor(RewardLearner, group, next(slots), resources, config, rank,
-                                              resources.reward_learner_ranks, environment=environment)
-                                  for rank in range(resources.reward_learner_ranks)])
+    learner = _reward_learner_ranks(config, group, slots)
     trainer = PPOTrainerGroup([start_actor(PPOTrainer, group, next(slots), resources, config, rank, resources.ppo_ranks,
                                            environment=environment) for rank in range(resources.ppo_ranks)])
     learner.form_process_group()
     trainer.form_process_group()
     return Actors(workers, learner, trainer, group, owns_placement=given is None)
+
+
+def _reward_learner_ranks(config: RunConfig, group: PlacementGroup, slots) -> RewardLearnerGroup:
+    """resources.reward_learner_ranks RewardLearner ranks, one in each next bundle of `slots`."""
+    ranks = config.resources.reward_learner_ranks
+    return RewardLearnerGroup([start_actor(RewardLearner, group, next(slots), config.resources, config, rank, ranks,
+                                           environment=actor_environment(config.log_level)) for rank in range(ranks)])
+
+
+def start_reward_learner(config: RunConfig, given: PlacementGroup, first_bundle: int) -> RewardLearnerGroup:
+    """The reward-learner ranks alone, in bundles first_bundle... of `given` (a Tune trial of the RM phase), their
+    process group formed."""
+    learner = _reward_learner_ranks(config, given, iter(range(first_bundle, 10**6)))
+    learner.form_process_group()
+    return learner
+
+
+def train_reward_model_epochs(learner: RewardLearnerGroup, first_epoch: int, last_epoch: int,
+                              on_epoch: Callable[[Dict[str, float], Dict[str, bytes]], None]) -> None:
+    """The RM phase alone, on the fixed data: epochs first_epoch..last_epoch, each followed by the held-out
+    evaluation; on_epoch gets the epoch's results and the RM's checkpoint files (every rank's share)."""
+    for epoch in range(first_epoch, last_epoch + 1):
+        results = {"epoch": epoch, **learner.train_epoch(epoch), **learner.evaluate()}
+        files: Dict[str, bytes] = {}
+        for rank_files in learner.checkpoint_files():
+            files.update(rank_files)
+        on_epoch(results, files)
 
 
 class Pipeline:
@@ -166,7 +183,7 @@ class Pipeline:
         if not evaluation.every_rounds:
             return None
         return HeldOutJudging(build_judge(self.config), self.prompts.held_out, evaluation.samples_per_prompt,
-                              evaluation.tie_margin, stage_seed(self.config.seed, 0, 0, 7), self.run_dir)
+                              evaluation.tie_margin, loop_seed(self.config.seed, Stream.HELD_OUT_JUDGING), self.run_dir)
 
     def sample_texts(self, prompts: List[str], n: int, seed: int) -> List[str]:
         """The current policy's response texts (n per prompt, prompt-major) from the rollout workers."""
@@ -209,7 +226,7 @@ class Pipeline:
         sft, trainer = self.config.sft, self.actors.ppo_trainer
         if not sft.steps:
             return {}
-        rng = random.Random(stage_seed(self.config.seed, 0, 0, 1))
+        rng = random.Random(loop_seed(self.config.seed, Stream.SFT_BATCHES))
         losses = []
         # mininterval: where stderr is a file or a pipe, each redraw is a line of its own
         for step in tqdm(range(sft.steps), desc="SFT warm-up", file=sys.stderr, leave=False, mininterval=1.0):
@@ -273,9 +290,10 @@ class Pipeline:
         """MetaRM's meta data of the round: samples_per_prompt responses of the current policy to each of
         meta_prompts_per_round prompts, as (prompt, responses) groups."""
         config = self.config
-        rng = random.Random(stage_seed(config.seed, round_index, 0, 2))
+        rng = random.Random(loop_seed(config.seed, Stream.META_PROMPTS, round_index))
         meta_prompts = rng.sample(self.prompts.meta, config.reward.meta_prompts_per_round)
-        meta = self.generate(meta_prompts, config.reward.samples_per_prompt, stage_seed(config.seed, round_index, 0, 3), round_index)
+        meta = self.generate(meta_prompts, config.reward.samples_per_prompt,
+                             loop_seed(config.seed, Stream.META_SAMPLING, round_index), round_index)
         return _groups(meta)
 
     def train_reward_model(self, round_index: int, groups: List[Tuple[str, List[str]]]) -> Dict[str, float]:
@@ -357,9 +375,10 @@ class Pipeline:
         self.global_step += 1
         timings: Dict[str, float] = {}
         started = time.perf_counter()
-        rng = random.Random(stage_seed(config.seed, round_index, step, 4))
+        rng = random.Random(loop_seed(config.seed, Stream.PPO_PROMPTS, round_index, step))
         prompts = rng.sample(self.prompts.train, config.ppo.rollout_batch_size)
-        rollout = self.generate(prompts, config.rollout.n_per_prompt, stage_seed(config.seed, round_index, step, 5), round_index)
+        rollout = self.generate(prompts, config.rollout.n_per_prompt,
+                                loop_seed(config.seed, Stream.PPO_SAMPLING, round_index, step), round_index)
         timings["generation_seconds"] = time.perf_counter() - started
         timings["generation_tokens_per_second"] = rollout.num_tokens / timings["generation_seconds"]
 
@@ -370,7 +389,7 @@ class Pipeline:
         started = time.perf_counter()
         kl_coefficient = self.kl.value
         metrics = self.actors.ppo_trainer.ppo_step(rollout, self.ppo_rewards(scores), kl_coefficient,
-                                                   stage_seed(config.seed, round_index, step, 6), round_index)
+                                                   loop_seed(config.seed, Stream.PPO_UPDATE, round_index, step), round_index)
         timings["ppo_seconds"] = time.perf_counter() - started
         timings["ppo_tokens_per_second"] = rollout.num_tokens * config.ppo.epochs / timings["ppo_seconds"]
         self.kl.update(metrics["kl_per_sequence"], len(rollout))

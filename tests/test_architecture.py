@@ -17,7 +17,7 @@ LAYERS = [
     {"training"},  # DeepSpeed learners, process groups, weight buckets (no Ray)
     {"models", "engines", "data"},  # building and saving models; the rollout engines; data sources, batches
     {"memory_plan", "checkpoints", "metrics", "plots", "logs", "faults", "cli"},  # run-level utilities
-    {"algos", "memory"},  # the math as pure functions; memory probes
+    {"algos", "memory", "seeds"},  # the math as pure functions; memory probes; every random stream's seed
     {"config"},
     {"errors"},
 ]

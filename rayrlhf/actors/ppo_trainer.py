@@ -16,6 +16,7 @@ from rayrlhf.data.rollouts import Rollout
 from rayrlhf.faults import inject_fault
 from rayrlhf.memory import releasing_memory
 from rayrlhf.models.build import build_causal_lm, build_reward_model, load_tokenizer, save_model
+from rayrlhf.seeds import critic_init_seed
 from rayrlhf.training.distributed import init_distributed, teardown_distributed
 from rayrlhf.training.ppo_learner import PPOLearner
 
@@ -41,7 +42,7 @@ class PPOTrainer(RankActor):
         config = self.config
         policy = build_causal_lm(config.policy, self.tokenizer, seed=config.seed)
         critic_spec = config.reward_model if config.ppo.critic_from_reward_model else config.policy
-        critic = build_reward_model(critic_spec, self.tokenizer, seed=config.seed + 1)
+        critic = build_reward_model(critic_spec, self.tokenizer, seed=critic_init_seed(config.seed))
         if critic_weights is not None:
             critic.load_state_dict(critic_weights)
         rows = config.ppo.rollout_batch_size * config.rollout.n_per_prompt

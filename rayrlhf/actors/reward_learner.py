@@ -16,6 +16,7 @@ from rayrlhf.data.batches import encode_prompt_response, pad_right
 from rayrlhf.data.reward_data import group_batches, prepare_reward_data, task_tokenizer
 from rayrlhf.memory import releasing_memory
 from rayrlhf.models.build import load_tokenizer
+from rayrlhf.seeds import reward_training_seed
 from rayrlhf.training.distributed import init_distributed, teardown_distributed
 from rayrlhf.training.reward_trainer import (RewardModelTrainer, build_reward_trainer, evaluate_reward_data,
                                              evaluation_batch_count, group_passes, train_steps)
@@ -87,14 +88,14 @@ class RewardLearner(RankActor):
         """This round's RM training: MetaRM with the given meta data (or the fixed data.meta), or vanilla."""
         reward = self.config.reward
         progress = self._progress(f"round {round_index} RM ({reward.method})", reward.epochs, reward.max_steps)
-        history = self._train(self.config.seed * 1000 + round_index, reward.epochs, meta_groups, progress)
+        history = self._train(reward_training_seed(self.config.seed, round_index), reward.epochs, meta_groups, progress)
         return _summary(history, "rm")
 
     @releasing_memory
     def train_epoch(self, epoch: int) -> Dict[str, float]:
         """Epoch `epoch` (from 1) on the fixed data (a Tune trial of the RM phase), seeded by the epoch alone so
         a trial resumed from its checkpoint trains the later epochs as an uninterrupted one would."""
-        return _summary(self._train(self.config.seed * 1000 + epoch, 1, None, None), "train")
+        return _summary(self._train(reward_training_seed(self.config.seed, epoch), 1, None, None), "train")
 
     def _train(self, seed: int, epochs: int, meta_groups: Optional[MetaGroups], progress) -> List[Dict[str, float]]:
         reward = self.config.reward

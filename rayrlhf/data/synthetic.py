@@ -26,6 +26,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from rayrlhf.config import SyntheticTask
+from rayrlhf.seeds import SyntheticStream, synthetic_seed
 
 SPECIAL_TOKENS = ["[PAD]", "[EOS]", "[UNK]", "[BOS]"]
 
@@ -113,10 +114,10 @@ class SyntheticPreferenceTask:
         """The prompts of the drifted data: the first drifted_prompts of them (all when unset)."""
         return self.prompts()[: self.task.drifted_prompts]
 
-    def _pairs(self, sample, salt: int, prompts: List[Tuple[str, str]], label) -> datasets.Dataset:
+    def _pairs(self, sample, stream: SyntheticStream, prompts: List[Tuple[str, str]], label) -> datasets.Dataset:
         """pairs_per_prompt pairs per prompt of two draws of `sample`, ordered by `label` (a reward of
         prompt and response), which also gives chosen_gold and rejected_gold."""
-        rng = random.Random(self.seed * 1_000_003 + salt)
+        rng = random.Random(synthetic_seed(self.seed, stream))
         rows = []
         for prompt_id, prompt in prompts:
             made = 0
@@ -136,15 +137,15 @@ class SyntheticPreferenceTask:
     def preference_pairs(self) -> datasets.Dataset:
         """Pairs from the reference distribution labelled by the labellers (the RM's training data); the same as
         gold labels unless labeller_topic_limit is set, and then chosen_gold/rejected_gold are the labellers'."""
-        return self._pairs(self._reference_response, salt=1, prompts=self.prompts(), label=self.labeller_reward)
+        return self._pairs(self._reference_response, SyntheticStream.PREFERENCE_PAIRS, prompts=self.prompts(), label=self.labeller_reward)
 
     def drifted_pairs(self) -> datasets.Dataset:
         """Gold-labelled pairs from the drifted distribution (where a proxy RM fails)."""
-        return self._pairs(self._drifted_response, salt=2, prompts=self._drifted_prompts(), label=self.gold_reward)
+        return self._pairs(self._drifted_response, SyntheticStream.DRIFTED_PAIRS, prompts=self._drifted_prompts(), label=self.gold_reward)
 
     def drifted_response_groups(self, samples_per_prompt: int) -> datasets.Dataset:
         """Unlabelled groups of k drifted responses per prompt: MetaRM's meta data without a policy."""
-        rng = random.Random(self.seed * 1_000_003 + 3)
+        rng = random.Random(synthetic_seed(self.seed, SyntheticStream.DRIFTED_GROUPS))
         return datasets.Dataset.from_list([
             {"prompt_id": prompt_id, "prompt": prompt,
              "responses": [self._drifted_response(rng, prompt) for _ in range(samples_per_prompt)]}

@@ -29,6 +29,7 @@ from rayrlhf.data.batches import (PreferenceBatch, ResponseGroupBatch, TokenIds,
 from rayrlhf.data.reward_data import RewardData, TokenisedPair, preference_batches
 from rayrlhf.models.build import build_reward_model, save_model
 from rayrlhf.models.heads import reward_scores
+from rayrlhf.seeds import rounding_seed
 from rayrlhf.training.distributed import average_across_ranks
 from rayrlhf.training.engines import accumulate_gradients, deepspeed_config, enable_gradient_checkpointing
 
@@ -182,7 +183,7 @@ class RewardModelTrainer:
     def _rounding_generator(self) -> torch.Generator:
         """Noise for stochastic rounding, seeded by the run's seed and the step: every rank draws the same (at
         ZeRO 0-2 each holds the whole θ, which must stay identical), and a resumed run the same as before."""
-        return torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + self.engine.global_steps)
+        return torch.Generator(device=self.device).manual_seed(rounding_seed(self.seed, self.engine.global_steps))
 
     def _ascent_kept(self, sizes: torch.Tensor) -> float:
         """`ascent_kept` over all ranks (ZeRO-3 ranks each hold a share), warned about once when under half with

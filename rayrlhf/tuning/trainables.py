@@ -20,7 +20,7 @@ import ray
 from ray import tune
 from ray.tune import Checkpoint, PlacementGroupFactory
 
-from rayrlhf.actors.placement import bundle, bundles, start_actor
+from rayrlhf.actors.placement import bundle, bundles
 from rayrlhf.checkpoints import read_files, write_files
 from rayrlhf.config import RunConfig
 from rayrlhf.tuning.sweep_config import trial_config
@@ -55,24 +55,18 @@ def reward_model_trial(params: Dict[str, Any], base: RunConfig, working_dir: str
     config = _enter_trial(params, base, working_dir)
     # The RM phase trains on fixed meta data; the written best config keeps the base's meta_source.
     config = config.model_copy(update={"reward": config.reward.model_copy(update={"meta_source": "data"})})
-    from rayrlhf.actors.reward_learner import RewardLearner, RewardLearnerGroup
+    from rayrlhf.pipeline import start_reward_learner, train_reward_model_epochs
 
-    ranks = config.resources.reward_learner_ranks
-    group = ray.util.get_current_placement_group()
-    learner = RewardLearnerGroup([start_actor(RewardLearner, group, 1 + rank, config.resources, config, rank, ranks)
-                                  for rank in range(ranks)])
+    def report_epoch(results: Dict[str, float], files: Dict[str, bytes]) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            write_files(Path(folder) / "reward_model", files)
+            (Path(folder) / "trial.json").write_text(json.dumps({"epoch": results["epoch"]}))
+            tune.report(results, checkpoint=Checkpoint.from_directory(folder))
+
+    learner = start_reward_learner(config, ray.util.get_current_placement_group(), first_bundle=1)
     try:
-        learner.form_process_group()
         done = _restore_reward_model(learner)
-        for epoch in range(done + 1, config.reward.epochs + 1):
-            results = {"epoch": epoch, **learner.train_epoch(epoch), **learner.evaluate()}
-            files: Dict[str, bytes] = {}
-            for rank_files in learner.checkpoint_files():
-                files.update(rank_files)
-            with tempfile.TemporaryDirectory() as folder:
-                write_files(Path(folder) / "reward_model", files)
-                (Path(folder) / "trial.json").write_text(json.dumps({"epoch": epoch}))
-                tune.report(results, checkpoint=Checkpoint.from_directory(folder))
+        train_reward_model_epochs(learner, done + 1, config.reward.epochs, report_epoch)
     finally:
         for actor in learner.actors:  # no barrier first: after a failure a rank may be gone
             ray.kill(actor)
