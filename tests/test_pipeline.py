@@ -87,6 +87,16 @@ def default_run(tmp_path_factory):
     return run_dir, result, engine_leftovers() - before
 
 
+@pytest.fixture(scope="module")
+def hf_run(tmp_path_factory):
+    """The same job with the transformers engine, uninterrupted: what the fault tests whose fault is not in
+    generation compare against (a vLLM engine takes half a minute to start on 2 cores, and those tests start
+    it twice or three times each; the faults in a rollout worker and in the driver keep vLLM)."""
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny_hf"
+    run_main(*TINY, f"run_dir={run_dir}", "rollout.engine=hf")
+    return run_dir
+
+
 def test_embedded_default_prints_the_round_table_and_writes_a_complete_run_dir(default_run):
     run_dir, result, _ = default_run
     lines = [line.split() for line in result.stdout.splitlines()]  # actors' log lines are interleaved
@@ -167,16 +177,16 @@ def test_same_seed_gives_identical_metrics(default_run, tmp_path):
 
 
 @pytest.mark.fault
-def test_a_crashing_actor_shows_its_traceback_and_resume_reaches_the_same_end(default_run, tmp_path):
-    run_dir, _, _ = default_run
+def test_a_crashing_actor_shows_its_traceback_and_resume_reaches_the_same_end(hf_run, tmp_path):
+    run_dir = hf_run
     crashed = tmp_path / "crashed"
-    failure = run_main(*TINY, f"run_dir={crashed}", env={FAULT_VARIABLE: "ppo_step:3"}, expect=1)
+    failure = run_main(*TINY, f"run_dir={crashed}", "rollout.engine=hf", env={FAULT_VARIABLE: "ppo_step:3"}, expect=1)
     assert "injected fault at ppo_step in round 3" in failure.stderr
     assert "PPOTrainer.ppo_step" in failure.stderr and 'rayrlhf/actors/ppo_trainer.py", line' in failure.stderr  # its traceback
     assert "last checkpoint" in failure.stderr and "round_0002" in failure.stderr
     assert sorted(p.name for p in (crashed / "checkpoints").iterdir()) == ["round_0000", "round_0001", "round_0002"]
     lost = ppo_steps_after(crashed, "round_0002")
-    run_main(*TINY, f"run_dir={crashed}", "resume=true")
+    run_main(*TINY, f"run_dir={crashed}", "rollout.engine=hf", "resume=true")
     assert rounds_csv(crashed) == rounds_csv(run_dir)
     assert [without_timings(r) for r in records(crashed, "ppo")] == [without_timings(r) for r in records(run_dir, "ppo")]
     record("an exception in an actor (PPO step, round 3)", "`RAYRLHF_FAULT=ppo_step:3`",
@@ -206,10 +216,10 @@ def test_a_rollout_worker_killed_mid_round_is_restarted_and_the_run_ends_as_unin
 
 
 @pytest.mark.fault
-def test_a_ppo_rank_killed_restarts_the_run_from_its_checkpoint_and_it_ends_as_uninterrupted(default_run, tmp_path):
-    run_dir, _, _ = default_run
+def test_a_ppo_rank_killed_restarts_the_run_from_its_checkpoint_and_it_ends_as_uninterrupted(hf_run, tmp_path):
+    run_dir = hf_run
     killed = tmp_path / "killed"
-    result = run_main(*TINY, f"run_dir={killed}", env={"RAYRLHF_FAULT": "ppo_step:3:kill"})
+    result = run_main(*TINY, f"run_dir={killed}", "rollout.engine=hf", env={"RAYRLHF_FAULT": "ppo_step:3:kill"})
     assert "an actor died" in result.stderr and "round_0002" in result.stderr and "restart 1 of 2" in result.stderr
     assert rounds_csv(killed) == rounds_csv(run_dir)
     assert [without_timings(r) for r in records(killed, "ppo")] == [without_timings(r) for r in records(run_dir, "ppo")]
@@ -237,12 +247,12 @@ def test_one_of_two_ppo_ranks_killed_frees_the_other_and_the_run_recovers(tmp_pa
 
 
 @pytest.mark.fault
-def test_a_kill_while_a_checkpoint_is_written_keeps_the_previous_one_and_the_run_ends_as_uninterrupted(default_run, tmp_path):
+def test_a_kill_while_a_checkpoint_is_written_keeps_the_previous_one_and_the_run_ends_as_uninterrupted(hf_run, tmp_path):
     """The PPO rank dies after writing its part of round 2's checkpoint, before the driver renames it into place:
     the restart loads round 1's checkpoint (so it is intact and loadable) and the run ends as if nothing happened."""
-    run_dir, _, _ = default_run
+    run_dir = hf_run
     killed = tmp_path / "killed"
-    result = run_main(*TINY, f"run_dir={killed}", env={"RAYRLHF_FAULT": "save_checkpoint:2:kill"})
+    result = run_main(*TINY, f"run_dir={killed}", "rollout.engine=hf", env={"RAYRLHF_FAULT": "save_checkpoint:2:kill"})
     assert "restarting every actor from" in result.stderr and "round_0001" in result.stderr
     assert rounds_csv(killed) == rounds_csv(run_dir)
     assert not any(name.endswith(".tmp") for name in os.listdir(killed / "checkpoints"))
@@ -263,11 +273,14 @@ def test_an_actor_dying_past_the_restart_limit_stops_the_run_resumably(tmp_path)
 
 
 @pytest.mark.fault
-def test_ctrl_c_keeps_the_last_checkpoint_and_resume_reaches_the_same_end(default_run, tmp_path):
-    run_dir, _, _ = default_run
+def test_ctrl_c_keeps_the_last_checkpoint_and_resume_reaches_the_same_end(hf_run, tmp_path):
+    run_dir = hf_run
     stopped = tmp_path / "stopped"
-    command = [sys.executable, "-m", "rayrlhf.run", *TINY, f"run_dir={stopped}", "rounds=50"]
-    process = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, "-m", "rayrlhf.run", *TINY, f"run_dir={stopped}", "rounds=50", "rollout.engine=hf"]
+    # SIGINT back to its default in the child: a shell starts background jobs with it ignored, and Python then
+    # never turns it into KeyboardInterrupt
+    process = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 600
     while not (stopped / "checkpoints" / "round_0002").exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -277,7 +290,7 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_resume_reaches_the_same_end(defaul
     assert not (stopped / "policy").exists()  # it did not run to the end
     last = stderr.split("stopped; last checkpoint: ")[1].split()[0]
     lost = ppo_steps_after(stopped, Path(last).name)
-    run_main(*TINY, f"run_dir={stopped}", "resume=true", "rounds=4")
+    run_main(*TINY, f"run_dir={stopped}", "resume=true", "rounds=4", "rollout.engine=hf")
     assert rounds_csv(stopped) == rounds_csv(run_dir)
     record("Ctrl-C on the driver", "SIGINT once round_0002 is written",
            f"the driver stops the actors, exits 130 and names {Path(last).name}; `resume=true` ends with the "
@@ -392,7 +405,7 @@ def test_hh_config_samples_meta_data_on_the_harmless_domain_and_resets_the_rm_ea
         "data.preference.max_records=200", "data.meta_prompts.max_records=50", "data.target_eval.max_records=40",
         "data.max_prompt_tokens=48", "data.max_response_tokens=16", "rollout.max_new_tokens=8",
         "reward.initial_max_steps=2", "reward.max_steps=2", "reward.meta_prompts_per_round=4", "reward.samples_per_prompt=2",
-        "ppo.steps_per_round=2", "ppo.rollout_batch_size=4",
+        "ppo.steps_per_round=2", "ppo.rollout_batch_size=4", "rollout.engine=hf",
     )
     summaries = records(run_dir, "round")
     assert [s["round"] for s in summaries] == [1, 2]
