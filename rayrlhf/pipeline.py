@@ -142,11 +142,9 @@ def _reward_learner_ranks(config: RunConfig, group: PlacementGroup, slots) -> Re
 
 
 def start_reward_learner(config: RunConfig, given: PlacementGroup, first_bundle: int) -> RewardLearnerGroup:
-    """The reward-learner ranks alone, in bundles first_bundle... of `given` (a Tune trial of the RM phase), their
-    process group formed."""
-    learner = _reward_learner_ranks(config, given, iter(range(first_bundle, 10**6)))
-    learner.form_process_group()
-    return learner
+    """The reward-learner ranks alone, in bundles first_bundle... of `given` (a Tune trial of the RM phase); the
+    caller forms their process group (inside its clean-up, which kills them if that fails)."""
+    return _reward_learner_ranks(config, given, iter(range(first_bundle, 10**6)))
 
 
 def train_reward_model_epochs(learner: RewardLearnerGroup, first_epoch: int, last_epoch: int,

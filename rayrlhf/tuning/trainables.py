@@ -65,6 +65,7 @@ def reward_model_trial(params: Dict[str, Any], base: RunConfig, working_dir: str
 
     learner = start_reward_learner(config, ray.util.get_current_placement_group(), first_bundle=1)
     try:
+        learner.form_process_group()
         done = _restore_reward_model(learner)
         train_reward_model_epochs(learner, done + 1, config.reward.epochs, report_epoch)
     finally:
