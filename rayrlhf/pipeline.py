@@ -126,7 +126,7 @@ def start_actors(config: RunConfig, given: Optional[PlacementGroup] = None, firs
     workers = [start_actor(RolloutWorker, group, next(slots), resources, config, i,
                            max_restarts=resources.rollout_worker_restarts, environment=environment)
                for i in range(resources.rollout_workers)]
-    learner = _reward_learner_ranks(config, group, slots)
+    learner = _reward_learner_ranks(config, group, slots, environment)
     trainer = PPOTrainerGroup([start_actor(PPOTrainer, group, next(slots), resources, config, rank, resources.ppo_ranks,
                                            environment=environment) for rank in range(resources.ppo_ranks)])
     learner.form_process_group()
@@ -134,17 +134,17 @@ def start_actors(config: RunConfig, given: Optional[PlacementGroup] = None, firs
     return Actors(workers, learner, trainer, group, owns_placement=given is None)
 
 
-def _reward_learner_ranks(config: RunConfig, group: PlacementGroup, slots) -> RewardLearnerGroup:
+def _reward_learner_ranks(config: RunConfig, group: PlacementGroup, slots, environment) -> RewardLearnerGroup:
     """resources.reward_learner_ranks RewardLearner ranks, one in each next bundle of `slots`."""
     ranks = config.resources.reward_learner_ranks
     return RewardLearnerGroup([start_actor(RewardLearner, group, next(slots), config.resources, config, rank, ranks,
-                                           environment=actor_environment(config.log_level)) for rank in range(ranks)])
+                                           environment=environment) for rank in range(ranks)])
 
 
 def start_reward_learner(config: RunConfig, given: PlacementGroup, first_bundle: int) -> RewardLearnerGroup:
     """The reward-learner ranks alone, in bundles first_bundle... of `given` (a Tune trial of the RM phase); the
     caller forms their process group (inside its clean-up, which kills them if that fails)."""
-    return _reward_learner_ranks(config, given, iter(range(first_bundle, 10**6)))
+    return _reward_learner_ranks(config, given, iter(range(first_bundle, 10**6)), actor_environment(config.log_level))
 
 
 def train_reward_model_epochs(learner: RewardLearnerGroup, first_epoch: int, last_epoch: int,

@@ -32,6 +32,7 @@ TIMING_SUFFIXES = ("_seconds", "_per_second")
 # runs the loop twice.
 TINY = ("conf/tiny.yaml", "rounds=4", "ppo.steps_per_round=4", "sft.steps=40", "sft.batch_size=16",
         "rollout.max_new_tokens=12")
+TINY_HF = (*TINY, "rollout.engine=hf")  # the fault tests whose fault is not in generation: no vLLM start per run
 
 
 def run_main(*args: str, env: dict = None, expect: int = 0) -> subprocess.CompletedProcess:
@@ -93,7 +94,7 @@ def hf_run(tmp_path_factory):
     generation compare against (a vLLM engine takes half a minute to start on 2 cores, and those tests start
     it twice or three times each; the faults in a rollout worker and in the driver keep vLLM)."""
     run_dir = tmp_path_factory.mktemp("runs") / "tiny_hf"
-    run_main(*TINY, f"run_dir={run_dir}", "rollout.engine=hf")
+    run_main(*TINY_HF, f"run_dir={run_dir}")
     return run_dir
 
 
@@ -180,13 +181,13 @@ def test_same_seed_gives_identical_metrics(default_run, tmp_path):
 def test_a_crashing_actor_shows_its_traceback_and_resume_reaches_the_same_end(hf_run, tmp_path):
     run_dir = hf_run
     crashed = tmp_path / "crashed"
-    failure = run_main(*TINY, f"run_dir={crashed}", "rollout.engine=hf", env={FAULT_VARIABLE: "ppo_step:3"}, expect=1)
+    failure = run_main(*TINY_HF, f"run_dir={crashed}", env={FAULT_VARIABLE: "ppo_step:3"}, expect=1)
     assert "injected fault at ppo_step in round 3" in failure.stderr
     assert "PPOTrainer.ppo_step" in failure.stderr and 'rayrlhf/actors/ppo_trainer.py", line' in failure.stderr  # its traceback
     assert "last checkpoint" in failure.stderr and "round_0002" in failure.stderr
     assert sorted(p.name for p in (crashed / "checkpoints").iterdir()) == ["round_0000", "round_0001", "round_0002"]
     lost = ppo_steps_after(crashed, "round_0002")
-    run_main(*TINY, f"run_dir={crashed}", "rollout.engine=hf", "resume=true")
+    run_main(*TINY_HF, f"run_dir={crashed}", "resume=true")
     assert rounds_csv(crashed) == rounds_csv(run_dir)
     assert [without_timings(r) for r in records(crashed, "ppo")] == [without_timings(r) for r in records(run_dir, "ppo")]
     record("an exception in an actor (PPO step, round 3)", "`RAYRLHF_FAULT=ppo_step:3`",
@@ -219,7 +220,7 @@ def test_a_rollout_worker_killed_mid_round_is_restarted_and_the_run_ends_as_unin
 def test_a_ppo_rank_killed_restarts_the_run_from_its_checkpoint_and_it_ends_as_uninterrupted(hf_run, tmp_path):
     run_dir = hf_run
     killed = tmp_path / "killed"
-    result = run_main(*TINY, f"run_dir={killed}", "rollout.engine=hf", env={"RAYRLHF_FAULT": "ppo_step:3:kill"})
+    result = run_main(*TINY_HF, f"run_dir={killed}", env={"RAYRLHF_FAULT": "ppo_step:3:kill"})
     assert "an actor died" in result.stderr and "round_0002" in result.stderr and "restart 1 of 2" in result.stderr
     assert rounds_csv(killed) == rounds_csv(run_dir)
     assert [without_timings(r) for r in records(killed, "ppo")] == [without_timings(r) for r in records(run_dir, "ppo")]
@@ -234,7 +235,7 @@ def test_one_of_two_ppo_ranks_killed_frees_the_other_and_the_run_recovers(tmp_pa
     """With 2 PPO ranks the survivor is left waiting in a gloo collective for the dead one: the driver must
     not wait for it, and the restart must replace both."""
     killed = tmp_path / "two_ranks"
-    result = run_main(*TINY, f"run_dir={killed}", "rounds=3", "resources.ppo_ranks=2", "rollout.engine=hf",
+    result = run_main(*TINY_HF, f"run_dir={killed}", "rounds=3", "resources.ppo_ranks=2",
                       env={"RAYRLHF_FAULT": "ppo_step:2:kill"})
     assert "an actor died" in result.stderr and "restarting every actor from" in result.stderr
     assert "round_0001" in result.stderr and "restart 1 of 2" in result.stderr
@@ -252,7 +253,7 @@ def test_a_kill_while_a_checkpoint_is_written_keeps_the_previous_one_and_the_run
     the restart loads round 1's checkpoint (so it is intact and loadable) and the run ends as if nothing happened."""
     run_dir = hf_run
     killed = tmp_path / "killed"
-    result = run_main(*TINY, f"run_dir={killed}", "rollout.engine=hf", env={"RAYRLHF_FAULT": "save_checkpoint:2:kill"})
+    result = run_main(*TINY_HF, f"run_dir={killed}", env={"RAYRLHF_FAULT": "save_checkpoint:2:kill"})
     assert "restarting every actor from" in result.stderr and "round_0001" in result.stderr
     assert rounds_csv(killed) == rounds_csv(run_dir)
     assert not any(name.endswith(".tmp") for name in os.listdir(killed / "checkpoints"))
@@ -264,7 +265,7 @@ def test_a_kill_while_a_checkpoint_is_written_keeps_the_previous_one_and_the_run
 @pytest.mark.fault
 def test_an_actor_dying_past_the_restart_limit_stops_the_run_resumably(tmp_path):
     run_dir = tmp_path / "run"
-    result = run_main(*TINY, f"run_dir={run_dir}", "rollout.engine=hf", "restarts_from_checkpoint=0",
+    result = run_main(*TINY_HF, f"run_dir={run_dir}", "restarts_from_checkpoint=0",
                       env={"RAYRLHF_FAULT": "ppo_step:2:kill"}, expect=1)
     assert "stopped; last checkpoint" in result.stderr and "round_0001" in result.stderr and "resume=true" in result.stderr
     record("an actor dies with no restarts left", "`RAYRLHF_FAULT=ppo_step:2:kill restarts_from_checkpoint=0`",
@@ -276,7 +277,7 @@ def test_an_actor_dying_past_the_restart_limit_stops_the_run_resumably(tmp_path)
 def test_ctrl_c_keeps_the_last_checkpoint_and_resume_reaches_the_same_end(hf_run, tmp_path):
     run_dir = hf_run
     stopped = tmp_path / "stopped"
-    command = [sys.executable, "-m", "rayrlhf.run", *TINY, f"run_dir={stopped}", "rounds=50", "rollout.engine=hf"]
+    command = [sys.executable, "-m", "rayrlhf.run", *TINY_HF, f"run_dir={stopped}", "rounds=50"]
     # SIGINT back to its default in the child: a shell starts background jobs with it ignored, and Python then
     # never turns it into KeyboardInterrupt
     process = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -290,7 +291,7 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_resume_reaches_the_same_end(hf_run
     assert not (stopped / "policy").exists()  # it did not run to the end
     last = stderr.split("stopped; last checkpoint: ")[1].split()[0]
     lost = ppo_steps_after(stopped, Path(last).name)
-    run_main(*TINY, f"run_dir={stopped}", "resume=true", "rounds=4", "rollout.engine=hf")
+    run_main(*TINY_HF, f"run_dir={stopped}", "resume=true", "rounds=4")
     assert rounds_csv(stopped) == rounds_csv(run_dir)
     record("Ctrl-C on the driver", "SIGINT once round_0002 is written",
            f"the driver stops the actors, exits 130 and names {Path(last).name}; `resume=true` ends with the "
