@@ -5,19 +5,35 @@ paragraph naming the key, the value and what is expected (and the nearest valid 
 Relative paths are taken from the current directory (the project root in the README's commands).
 """
 import difflib
+import typing
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rayrlhf.errors import ConfigError
 
 
 class Schema(BaseModel):
-    """Base: unknown keys are errors, never silently ignored."""
+    """Base: unknown keys are errors, never silently ignored; every float is finite (an inf learning rate trains
+    to NaN); a number is never read from a boolean (pydantic would take YAML's `true` as 1)."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), use_attribute_docstrings=True,
+                              allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _booleans_are_not_numbers(cls, value: Any, info) -> Any:
+        if isinstance(value, bool) and _is_number_type(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"expected a number, got {str(value).lower()}")
+        return value
+
+
+def _is_number_type(annotation: Any) -> bool:
+    """int or float, or an Optional/Union of them that does not also accept a bool."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Union else (annotation,)
+    return bool(set(options) & {int, float}) and bool not in options
 
 
 class TinyArchitecture(Schema):
@@ -539,7 +555,8 @@ class RunConfig(Schema):
 
 
 def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
-    """Set `a.b.c=value` pairs into the nested dict `raw`; values are parsed as YAML (1e-5, true, null)."""
+    """Set `a.b.c=value` pairs into the nested dict `raw`; values are parsed as YAML (1e-5, true, null). A mapping
+    value merges into the section it names (`ppo={epochs: 1}` changes ppo.epochs only)."""
     for override in overrides:
         key, sep, text = override.partition("=")
         if not sep or not key:
@@ -551,16 +568,49 @@ def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, 
             if not isinstance(child, dict):
                 raise ConfigError(f"override {override!r}: {'.'.join(parts[:depth + 1])} is a value, not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+        value = _parse_override_value(override, text)
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+            value = _merged(node[parts[-1]], value)
+        node[parts[-1]] = value
     return raw
 
 
+def _parse_override_value(override: str, text: str) -> Any:
+    if not text.strip():
+        return None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"override {override!r}: the value {text!r} is not valid YAML ({problem}); "
+                          "quote it to pass a string") from None
+
+
+def _merged(section: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
+    """`section` with `update` laid over it, nested mappings merged key by key."""
+    merged = dict(section)
+    for key, value in update.items():
+        both_mappings = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merged(merged[key], value) if both_mappings else value
+    return merged
+
+
 def read_yaml_mapping(path: str, what: str = "config file") -> Dict[str, Any]:
-    """The mapping a YAML file holds (empty file: {}), or a ConfigError naming the file."""
+    """The mapping a YAML file holds (empty file: {}), or a ConfigError naming the file (and the line of a bad
+    byte or bad YAML)."""
+    if Path(path).is_dir():
+        raise ConfigError(f"{what} {path!r} is a directory; give the YAML file inside it")
     if not Path(path).is_file():
         raise ConfigError(f"{what} {path!r} does not exist")
     try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        data = Path(path).read_bytes()
+        raw = yaml.safe_load(data.decode("utf-8")) or {}
+    except OSError as error:
+        raise ConfigError(f"{what} {path!r} cannot be read: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise ConfigError(f"{what} {path!r}, line {line}: byte 0x{data[error.start]:02x} is not UTF-8 text; "
+                          "save the file as UTF-8") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{what} {path!r} is not valid YAML: {error}") from None
     if not isinstance(raw, dict):
@@ -575,12 +625,16 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> RunConfig
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(describe_validation_error(error, path)) from None
+        raise ConfigError(describe_validation_error(error, path, overrides)) from None
 
 
-def describe_validation_error(error: ValidationError, path: Optional[str]) -> str:
-    """One paragraph per problem: dotted key, what was given, what is expected, a near name for typos."""
-    where = f"in {path}" if path else "in the overrides"
+MAX_PROBLEMS_SHOWN = 5
+"""A file that is not a config at all would otherwise give a paragraph per line."""
+
+
+def describe_validation_error(error: ValidationError, path: Optional[str], overrides: Sequence[str] = ()) -> str:
+    """One paragraph per problem: dotted key, where it was set (the file or an override), what was given, what is
+    expected, a near name for typos."""
     problems: List[str] = []
     for item in error.errors():
         location = [str(part) for part in item["loc"]]
@@ -589,12 +643,26 @@ def describe_validation_error(error: ValidationError, path: Optional[str]) -> st
             known = _fields_at(location[:-1])
             near = difflib.get_close_matches(location[-1], known, n=1)
             hint = f"; did you mean {'.'.join(location[:-1] + near)!r}?" if near else f"; known keys: {', '.join(known)}"
-            problems.append(f"unknown key {key!r}{hint}")
+            problem = f"unknown key {key!r}{hint}"
         else:
             message = item["msg"].removeprefix("Value error, ")
             given = f" (got {item['input']!r})" if item["type"] != "value_error" and not isinstance(item["input"], dict) else ""
-            problems.append(f"{key}: {message}{given}" if location else message)
-    return f"config error {where}: " + "; ".join(problems)
+            problem = f"{key}: {message}{given}" if location else message
+        problems.append(f"{problem} [{_set_where(location, path, overrides)}]")
+    shown = problems[:MAX_PROBLEMS_SHOWN]
+    more = f"; and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+    return "config error: " + "; ".join(shown) + more
+
+
+def _set_where(location: List[str], path: Optional[str], overrides: Sequence[str]) -> str:
+    """Which input set the key at `location`: the last override naming it (or a section above or below it), else
+    the file."""
+    key = ".".join(location)
+    for override in reversed(overrides):
+        name = override.partition("=")[0]
+        if name and (key == name or key.startswith(name + ".") or name.startswith(key + ".")):
+            return f"override {override!r}"
+    return f"in {path}" if path else "in the defaults"
 
 
 def _fields_at(location: List[str]) -> List[str]:

@@ -12,7 +12,7 @@ EXTRAS="test,tune"
 if ! command -v nvidia-smi >/dev/null 2>&1; then
   EXTRAS="test,tune,cpu"
 fi
-if ! .venv/bin/python -c "import rayrlhf, deepspeed, ray, datasets, pytest, optuna, sacrebleu, sentence_transformers" 2>/dev/null \
+if ! .venv/bin/python -c "import rayrlhf, deepspeed, ray, datasets, pytest, hypothesis, optuna, sacrebleu, sentence_transformers" 2>/dev/null \
    || { [ "$EXTRAS" = "test,tune,cpu" ] && ! .venv/bin/python -c "import vllm" 2>/dev/null; }; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e ".[$EXTRAS]"

@@ -100,7 +100,7 @@ def trial_config(base: RunConfig, params: Dict[str, Any], run_dir: str) -> RunCo
     try:
         return RunConfig.model_validate(apply_overrides(raw, overrides))
     except ValidationError as error:
-        raise ConfigError(describe_validation_error(error, None)) from None
+        raise ConfigError(describe_validation_error(error, None, overrides)) from None
 
 
 def check_space_keys(space: Dict[str, Dict[str, Any]]) -> None:
