@@ -84,6 +84,21 @@ def test_malformed_json_line_names_file_and_line(tmp_path):
         load("tldr", path)
 
 
+def test_a_non_utf8_byte_names_file_line_and_column(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps(tldr_record()).encode() + b'\n{"info": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"latin1\.jsonl:2: byte 0xe9 at column 14 is not UTF-8 text"):
+        load("tldr", str(path))
+
+
+def test_a_truncated_gzip_file_is_named(tmp_path):
+    whole = gzip.compress("".join(json.dumps(tldr_record()) + "\n" for _ in range(50)).encode())
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match=r"cut\.jsonl\.gz: cannot be read( past line \d+)? \(a truncated or damaged file\?\)"):
+        load("tldr", str(path))
+
+
 def test_record_missing_a_field(tmp_path):
     record = tldr_record()
     del record["summaries"]

@@ -7,9 +7,10 @@ pairs whose chosen equals rejected are dropped and counted.
 import gzip
 import hashlib
 import json
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import datasets
 
@@ -28,19 +29,36 @@ class LoadedPairs:
 
 
 def _json_lines(path: str) -> Iterator[Tuple[str, dict]]:
-    """("file:line", record) for each non-empty line of a .jsonl or .jsonl.gz file."""
+    """("file:line", record) for each non-empty line of a .jsonl or .jsonl.gz file; a bad byte, a bad line or a
+    damaged gzip stream is a DataError naming the file (and the line)."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{number}: malformed JSON ({error.msg} at column {error.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            yield f"{path}:{number}", record
+    number = 0
+    try:
+        with opener(path, "rb") as handle:
+            for number, raw_line in enumerate(handle, start=1):
+                record = _json_record(raw_line, f"{path}:{number}")
+                if record is not None:
+                    yield f"{path}:{number}", record
+    except (EOFError, OSError, zlib.error) as error:
+        past = f" past line {number}" if number else ""
+        raise DataError(f"{path}: cannot be read{past} (a truncated or damaged file?): {error}") from None
+
+
+def _json_record(raw_line: bytes, where: str) -> Optional[dict]:
+    """The JSON object on one line (None for a blank line), or a DataError naming `where`."""
+    try:
+        line = raw_line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{where}: byte 0x{raw_line[error.start]:02x} at column {error.start + 1} is not UTF-8 text") from None
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{where}: malformed JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    return record
 
 
 def _field(record: dict, key: str, where: str, kind: type = str):
