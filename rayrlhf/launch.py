@@ -14,6 +14,7 @@ from rayrlhf.errors import ConfigError, ModelSourceError
 from rayrlhf.logs import configure_logging
 from rayrlhf.engines.vllm_engine import choose_engine
 from rayrlhf.plots import plot_rounds
+from rayrlhf.run_lock import RunDirLock, prepare_run_dir
 
 
 def check_models(config: RunConfig) -> Dict[str, Any]:
@@ -85,30 +86,42 @@ def start_ray(config: RunConfig):
 def launch(config: RunConfig, on_round: Optional[Callable[[Dict[str, float]], None]] = None,
         placement=None, first_bundle: int = 0) -> List[Dict[str, float]]:
     """Validate, start the actors, run the rounds; returns the per-round summaries. A Tune trial passes its
-    own placement group (the actors take its bundles from first_bundle on) and a per-round callback."""
-    from rayrlhf.actors.placement import where_actors_run
-    from rayrlhf.pipeline import Pipeline, load_prompt_sets, start_actors
+    own placement group (the actors take its bundles from first_bundle on) and a per-round callback. The run
+    holds run_dir's lock throughout (rayrlhf/run_lock.py): a second run into the same folder is refused."""
+    from rayrlhf.pipeline import load_prompt_sets
 
     choose_engine(config.rollout.engine)  # an absent vLLM asked for by name is an error here
-    check_run_dir(config)
-    prompts = load_prompt_sets(config)
-    tokenizers = check_models(config)
-    ray = start_ray(config)
-    memory = estimate_memory(config, tokenizers, ray)
     run_dir = Path(config.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    configure_logging(run_dir / "logs" / "driver.log", config.log_level)
-    save_config(config, run_dir / "config.yaml")
-    # what the actors were expected to need, beside what they used (metrics: peak_memory_gb_*)
-    (run_dir / "memory_estimate.json").write_text(json.dumps(memory, indent=1))
+    prepare_run_dir(run_dir)
+    with RunDirLock(run_dir):
+        check_run_dir(config)
+        prompts = load_prompt_sets(config)
+        tokenizers = check_models(config)
+        ray = start_ray(config)
+        memory = estimate_memory(config, tokenizers, ray)
+        configure_logging(run_dir / "logs" / "driver.log", config.log_level)
+        save_config(config, run_dir / "config.yaml")
+        # what the actors were expected to need, beside what they used (metrics: peak_memory_gb_*)
+        (run_dir / "memory_estimate.json").write_text(json.dumps(memory, indent=1))
+        history = run_with_restarts(config, prompts, ray, on_round, placement, first_bundle)
+        write_rounds(history, run_dir / "rounds.csv")
+        plot_rounds(history, run_dir / "rounds.png")
+    return history
+
+
+def run_with_restarts(config: RunConfig, prompts, ray, on_round, placement, first_bundle: int) -> List[Dict[str, float]]:
+    """Start the actors and run the rounds; when an actor's process dies, start them all again from the last
+    checkpoint (up to config.restarts_from_checkpoint times)."""
+    from rayrlhf.actors.placement import where_actors_run
+    from rayrlhf.pipeline import Pipeline, start_actors
+
     restarts = 0
     while True:
         actors = start_actors(config, placement, first_bundle)
-        (run_dir / "placement.json").write_text(json.dumps(where_actors_run(actors.placement, config.resources), indent=1))
+        (Path(config.run_dir) / "placement.json").write_text(json.dumps(where_actors_run(actors.placement, config.resources), indent=1))
         pipeline = Pipeline(config, actors, prompts)
         try:
-            history = pipeline.run(on_round)
-            break
+            return pipeline.run(on_round)
         except (KeyboardInterrupt, ray.exceptions.RayError) as error:
             where = pipeline.last_checkpoint
             # A dead actor process (a learner rank, or a rollout worker past its own restarts) is worth a restart
@@ -125,9 +138,6 @@ def launch(config: RunConfig, on_round: Optional[Callable[[Dict[str, float]], No
         finally:
             pipeline.close()
             actors.stop()
-    write_rounds(history, run_dir / "rounds.csv")
-    plot_rounds(history, run_dir / "rounds.png")
-    return history
 
 
 def write_rounds(history: List[Dict[str, float]], path: Path) -> None:

@@ -1,0 +1,82 @@
+"""One writer per run dir, and a run dir that cannot be written: refused with one paragraph and exit 2 before Ray
+starts (rayrlhf/run_lock.py, called by launch)."""
+import errno
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rayrlhf.errors import ConfigError
+from rayrlhf.run_lock import LOCK_NAME, RunDirLock, prepare_run_dir
+
+from conftest import ROOT, child_env
+
+HOLD_LOCK = "import sys, time; from pathlib import Path; from rayrlhf.run_lock import RunDirLock\n" \
+            "with RunDirLock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(120)"
+
+
+def run_cli(*arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rayrlhf.run", "conf/tiny.yaml", "rollout.engine=hf", *arguments],
+                          cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+
+
+def test_a_second_lock_on_the_same_run_dir_is_refused_with_the_holder_named(tmp_path):
+    with RunDirLock(tmp_path):
+        holder = json.loads((tmp_path / LOCK_NAME).read_text())
+        with pytest.raises(ConfigError, match=rf"is in use by another run \(host {holder['host']}, pid {holder['pid']}, started"):
+            RunDirLock(tmp_path).__enter__()
+    assert (tmp_path / LOCK_NAME).read_text() == ""  # released cleanly
+    with RunDirLock(tmp_path):
+        pass
+
+
+def test_a_run_into_a_folder_another_run_writes_exits_2_before_writing(tmp_path):
+    """A concurrent holder in another process (as a run started a second earlier): the new run is refused and
+    writes nothing into the folder."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], cwd=ROOT, env=child_env(),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = run_cli(f"run_dir={tmp_path}", "seed=1")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"is in use by another run (host" in result.stderr and f"pid {holder.pid}," in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_NAME]
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_warning(tmp_path, caplog):
+    stale = {"host": "node-7", "pid": 4242, "started": time.time() - 60}
+    (tmp_path / LOCK_NAME).write_text(json.dumps(stale))  # the record, without the OS lock: its holder is gone
+    with caplog.at_level(logging.WARNING), RunDirLock(tmp_path):
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] != 4242
+    assert "(host node-7, pid 4242, started" in caplog.text and "ended without releasing it" in caplog.text
+
+
+@pytest.mark.parametrize("layout", ["run_dir is a file", "a parent is a file"])
+def test_a_file_in_the_way_of_run_dir_is_named(tmp_path, layout):
+    (tmp_path / "taken").write_text("not a folder")
+    run_dir = tmp_path / "taken" if layout == "run_dir is a file" else tmp_path / "taken" / "run"
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'taken'}' is a file, not a folder"):
+        prepare_run_dir(run_dir)
+
+
+def test_a_read_only_run_dir_is_named(tmp_path, monkeypatch):
+    def read_only(*_, **__):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(Path, "mkdir", read_only)  # a read-only mount, which a test cannot make without root
+    with pytest.raises(ConfigError, match=r"run_dir '.*/ro' cannot be created: Read-only file system"):
+        prepare_run_dir(tmp_path / "ro")
+
+
+def test_the_command_line_names_a_file_in_the_way_with_exit_2(tmp_path):
+    (tmp_path / "taken").write_text("not a folder")
+    result = run_cli(f"run_dir={tmp_path / 'taken'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "is a file, not a folder; choose another run_dir" in result.stderr
