@@ -6,14 +6,20 @@
 
 A crash or Ctrl-C while writing leaves only `round_0003.tmp`, which the next write removes; the last
 complete checkpoint stays loadable. Round 0 is the state after SFT and the initial RM and is always kept.
+state.json, written last, carries the sha256 of every other file (its manifest, `files`): a checkpoint damaged
+later (a file cut, deleted or changed) is found and named, and resume takes the newest intact one.
 """
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
+
+from rayrlhf.errors import naming_the_file
 
 PREFIX, STAGING = "round_", ".tmp"
+MANIFEST = "files"
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -53,8 +59,11 @@ def begin_checkpoint(run_dir: Path, round_index: int) -> Path:
 
 
 def commit_checkpoint(staging: Path, state: dict, keep: int) -> Path:
-    """Write state.json last, rename the staging folder into place, drop all but round 0 and the last `keep`."""
-    (staging / "state.json").write_text(json.dumps(state, indent=1))
+    """Write state.json (with the other files' checksums) last, rename the staging folder into place, drop all but
+    round 0 and the last `keep`."""
+    state = {**state, MANIFEST: file_checksums(staging)}
+    with naming_the_file(staging / "state.json"):
+        (staging / "state.json").write_text(json.dumps(state, indent=1))
     final = staging.with_name(staging.name.removesuffix(STAGING))
     if final.exists():
         shutil.rmtree(final)
@@ -67,6 +76,44 @@ def commit_checkpoint(staging: Path, state: dict, keep: int) -> Path:
 
 def read_state(checkpoint: Path) -> dict:
     return json.loads((checkpoint / "state.json").read_text())
+
+
+def file_checksums(folder: Path) -> Dict[str, str]:
+    """sha256 of every file under `folder` but state.json (relative path -> hex digest)."""
+    return {str(f.relative_to(folder)): _sha256(f) for f in sorted(Path(folder).rglob("*"))
+            if f.is_file() and f.name != "state.json"}
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def damage(checkpoint: Path) -> Optional[str]:
+    """What is wrong with a complete checkpoint (state.json unreadable, a file missing or changed since it was
+    written), or None when it is intact. A checkpoint from before manifests were written is taken as intact."""
+    try:
+        manifest = read_state(checkpoint).get(MANIFEST, {})
+    except (OSError, ValueError) as error:
+        return f"state.json cannot be read ({error})"
+    for name, digest in manifest.items():
+        path = Path(checkpoint) / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _sha256(path) != digest:
+            return f"{name} has changed since it was written (its sha256 differs from the manifest's)"
+    return None
+
+
+def latest_intact_checkpoint(run_dir: Path) -> Tuple[Optional[Path], List[str]]:
+    """The newest complete checkpoint that is intact, and one line naming each newer one that is damaged."""
+    damaged = []
+    for checkpoint in reversed(complete_checkpoints(run_dir)):
+        problem = damage(checkpoint)
+        if problem is None:
+            return checkpoint, damaged
+        damaged.append(f"checkpoint {checkpoint} is damaged: {problem}")
+    return None, damaged
 
 
 def read_files(folder: Path) -> Dict[str, bytes]:

@@ -50,6 +50,13 @@ class TinyArchitecture(Schema):
     max_position_embeddings: int = Field(512, gt=0)
     """Longest sequence (prompt + response tokens) the tiny Llama's config declares."""
 
+    @model_validator(mode="after")
+    def _heads_divide_the_width(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads} (each head "
+                             "takes an equal slice of the width)")
+        return self
+
 
 class ModelSpec(Schema):
     """Where a model comes from.

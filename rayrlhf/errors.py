@@ -1,4 +1,5 @@
 """The project's user-facing errors: each carries one readable paragraph that names the culprit."""
+import contextlib
 
 
 class RayRLHFError(Exception):
@@ -15,3 +16,23 @@ class DataError(RayRLHFError):
 
 class ModelSourceError(RayRLHFError):
     """A model spec cannot be loaded: missing folder, unknown package, unreachable hub id."""
+
+
+class TrainingDivergedError(RayRLHFError):
+    """A training step gave a non-finite loss, or a model about to be saved holds non-finite values (usually too
+    high a learning rate); the run stops and the last checkpoint stays the latest."""
+
+
+class RunDirWriteError(RayRLHFError):
+    """The driver could not write a file of the run dir (a full disk, a quota, a read-only mount)."""
+
+
+@contextlib.contextmanager
+def naming_the_file(path):
+    """An OSError inside that does not say which file (a write on a full disk) is re-raised naming `path`."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is not None:
+            raise
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from None

@@ -1,7 +1,7 @@
 """Fault injection for tests of what a failure leaves behind. RAYRLHF_FAULT=<point>:<round> makes the actor
 method named <point> raise during that round; <point>:<round>:kill ends the actor's process there instead,
-once per run (a marker in the run dir keeps a restarted actor from dying again). Unset (always, outside
-tests) it does nothing."""
+once per run (a marker in the run dir keeps a restarted actor from dying again); <point>:<round>:nan makes the
+data it trains on NaN (a diverged step). Unset (always, outside tests) it does nothing."""
 import os
 from pathlib import Path
 
@@ -18,3 +18,8 @@ def inject_fault(point: str, round_index: int, run_dir: str = "") -> None:
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.touch()
             os._exit(1)  # as a killed process: no exception, no clean-up
+
+
+def poisons_with_nan(point: str, round_index: int) -> bool:
+    """Whether RAYRLHF_FAULT asks the method named `point` to train on NaN in this round."""
+    return os.environ.get(FAULT_VARIABLE, "") == f"{point}:{round_index}:nan"

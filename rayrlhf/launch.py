@@ -8,25 +8,26 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from rayrlhf.checkpoints import latest_checkpoint
+from rayrlhf.checkpoints import latest_checkpoint, latest_intact_checkpoint
 from rayrlhf.config import RunConfig, save_config
-from rayrlhf.errors import ConfigError, ModelSourceError
+from rayrlhf.errors import ConfigError, ModelSourceError, RayRLHFError, RunDirWriteError
 from rayrlhf.logs import configure_logging
 from rayrlhf.engines.vllm_engine import choose_engine
 from rayrlhf.plots import plot_rounds
-from rayrlhf.run_lock import RunDirLock, prepare_run_dir
+from rayrlhf.run_dir import RunDirLock, prepare_run_dir
 
 
 def check_models(config: RunConfig) -> Dict[str, Any]:
-    """Model sources resolve and, when the critic starts from the RM, policy and RM share a tokenizer. Returns
-    each role's tokenizer."""
+    """Model sources resolve, local weights are there and whole, and, when the critic starts from the RM, policy
+    and RM share a tokenizer. Returns each role's tokenizer."""
     from rayrlhf.data.reward_data import task_tokenizer
-    from rayrlhf.models.build import load_tokenizer
+    from rayrlhf.models.build import check_weights, load_tokenizer
 
     tokenizers = {}
     for role in ("policy", "reward_model"):
         try:
             tokenizers[role] = load_tokenizer(getattr(config, role), task_tokenizer(config.data, config.seed))
+            check_weights(getattr(config, role))
         except ModelSourceError as error:
             raise ModelSourceError(f"{role}: {error}") from None
     if config.ppo.critic_from_reward_model and tokenizers["policy"].get_vocab() != tokenizers["reward_model"].get_vocab():
@@ -35,16 +36,37 @@ def check_models(config: RunConfig) -> Dict[str, Any]:
     return tokenizers
 
 
-def estimate_memory(config: RunConfig, tokenizers: Dict, ray) -> Dict:
-    """Each actor's estimated memory (rayrlhf/memory_plan.py), as JSON-able numbers; on CPU (unless
-    resources.check_memory is off) a ConfigError when the node peak cannot fit the memory the cluster has."""
-    from rayrlhf.memory_plan import check_memory, estimate_actors, node_peak_gb
+def model_shapes(config: RunConfig, tokenizers: Dict) -> Dict[str, Any]:
+    """The shapes (sizes, positions) of the policy, the RM and the critic, read from their configs."""
     from rayrlhf.models.build import model_shape
 
     critic = config.reward_model if config.ppo.critic_from_reward_model else config.policy
-    shapes = {"policy": model_shape(config.policy, tokenizers["policy"], causal=True),
-              "reward_model": model_shape(config.reward_model, tokenizers["reward_model"], causal=False),
-              "critic": model_shape(critic, tokenizers["policy"], causal=False)}
+    return {"policy": model_shape(config.policy, tokenizers["policy"], causal=True),
+            "reward_model": model_shape(config.reward_model, tokenizers["reward_model"], causal=False),
+            "critic": model_shape(critic, tokenizers["policy"], causal=False)}
+
+
+def check_sequence_lengths(config: RunConfig, shapes: Dict[str, Any]) -> None:
+    """The longest prompt + response each model reads fits its positions (past them a model fails, or, with
+    rotary positions, runs on silently where it was never trained)."""
+    data, new_tokens = config.data, config.rollout.max_new_tokens
+    longest = data.max_prompt_tokens + max(new_tokens, data.max_response_tokens)
+    needs = {"policy": (data.max_prompt_tokens + new_tokens, "data.max_prompt_tokens + rollout.max_new_tokens"),
+             "reward_model": (longest, "data.max_prompt_tokens + the longer of rollout.max_new_tokens and "
+                                       "data.max_response_tokens"),
+             "critic": (data.max_prompt_tokens + new_tokens, "data.max_prompt_tokens + rollout.max_new_tokens")}
+    for role, (tokens, what) in needs.items():
+        positions = shapes[role].max_positions
+        if positions is not None and tokens > positions:
+            raise ConfigError(f"{what} = {tokens} tokens, but the {role.replace('_', ' ')} covers {positions} positions "
+                              f"(its max_position_embeddings); lower the token limits or use a model with more positions")
+
+
+def estimate_memory(config: RunConfig, shapes: Dict[str, Any], ray) -> Dict:
+    """Each actor's estimated memory (rayrlhf/memory_plan.py), as JSON-able numbers; on CPU (unless
+    resources.check_memory is off) a ConfigError when the node peak cannot fit the memory the cluster has."""
+    from rayrlhf.memory_plan import check_memory, estimate_actors, node_peak_gb
+
     estimates = estimate_actors(config, shapes, choose_engine(config.rollout.engine))
     available = available_memory_gb(ray)
     if config.resources.device == "cpu" and config.resources.check_memory:
@@ -66,11 +88,15 @@ def available_memory_gb(ray) -> float:
 
 
 def check_run_dir(config: RunConfig) -> None:
-    """Never overwrite a run: an existing checkpoint needs resume=true (or another run_dir)."""
+    """Never overwrite a run: an existing checkpoint needs resume=true (or another run_dir); resume needs an
+    intact one."""
     run_dir = Path(config.run_dir)
-    if config.resume and latest_checkpoint(run_dir) is None:
-        raise ConfigError(f"resume=true but {run_dir} holds no complete checkpoint")
-    if not config.resume and latest_checkpoint(run_dir) is not None:
+    if config.resume:
+        intact, damaged = latest_intact_checkpoint(run_dir)
+        if intact is None:
+            found = f" ({'; '.join(damaged)})" if damaged else ""
+            raise ConfigError(f"resume=true but {run_dir} holds no complete, intact checkpoint{found}")
+    elif latest_checkpoint(run_dir) is not None:
         raise ConfigError(f"run_dir {str(run_dir)!r} already holds a run; continue it with resume=true or choose another run_dir")
 
 
@@ -87,7 +113,7 @@ def launch(config: RunConfig, on_round: Optional[Callable[[Dict[str, float]], No
         placement=None, first_bundle: int = 0) -> List[Dict[str, float]]:
     """Validate, start the actors, run the rounds; returns the per-round summaries. A Tune trial passes its
     own placement group (the actors take its bundles from first_bundle on) and a per-round callback. The run
-    holds run_dir's lock throughout (rayrlhf/run_lock.py): a second run into the same folder is refused."""
+    holds run_dir's lock throughout (rayrlhf.run_dir.py): a second run into the same folder is refused."""
     from rayrlhf.pipeline import load_prompt_sets
 
     choose_engine(config.rollout.engine)  # an absent vLLM asked for by name is an error here
@@ -96,9 +122,10 @@ def launch(config: RunConfig, on_round: Optional[Callable[[Dict[str, float]], No
     with RunDirLock(run_dir):
         check_run_dir(config)
         prompts = load_prompt_sets(config)
-        tokenizers = check_models(config)
+        shapes = model_shapes(config, check_models(config))
+        check_sequence_lengths(config, shapes)
         ray = start_ray(config)
-        memory = estimate_memory(config, tokenizers, ray)
+        memory = estimate_memory(config, shapes, ray)
         configure_logging(run_dir / "logs" / "driver.log", config.log_level)
         save_config(config, run_dir / "config.yaml")
         # what the actors were expected to need, beside what they used (metrics: peak_memory_gb_*)
@@ -122,11 +149,9 @@ def run_with_restarts(config: RunConfig, prompts, ray, on_round, placement, firs
         pipeline = Pipeline(config, actors, prompts)
         try:
             return pipeline.run(on_round)
-        except (KeyboardInterrupt, ray.exceptions.RayError) as error:
+        except (KeyboardInterrupt, RayRLHFError, OSError, ray.exceptions.RayError) as error:
             where = pipeline.last_checkpoint
-            # A dead actor process (a learner rank, or a rollout worker past its own restarts) is worth a restart
-            # from the checkpoint; an exception raised by our code, or Ctrl-C, is not.
-            if isinstance(error, ray.exceptions.RayActorError) and where and restarts < config.restarts_from_checkpoint:
+            if worth_a_restart(error, where, restarts, config.restarts_from_checkpoint):
                 restarts += 1
                 print(f"\nan actor died ({type(error).__name__}); restarting every actor from {where} "
                       f"(restart {restarts} of {config.restarts_from_checkpoint})", file=sys.stderr)
@@ -134,10 +159,25 @@ def run_with_restarts(config: RunConfig, prompts, ray, on_round, placement, firs
                 continue
             print(f"\nstopped; last checkpoint: {where if where else 'none yet'}"
                   + (" (continue with resume=true)" if where else ""), file=sys.stderr)
+            if isinstance(error, OSError):  # the driver's own file I/O in the run dir
+                raise RunDirWriteError(f"the driver could not write {error.filename or 'a file of the run dir'}: "
+                                       f"{error.strerror or error}") from None
             raise
         finally:
             pipeline.close()
             actors.stop()
+
+
+def worth_a_restart(error: BaseException, checkpoint: Optional[Path], restarts: int, limit: int) -> bool:
+    """A dead actor process (a learner rank, or a rollout worker past its own restarts) is worth a restart from the
+    checkpoint; an exception raised by our code, Ctrl-C, or an error in an actor's constructor (deterministic: it
+    would fail again the same way) is not."""
+    from ray.exceptions import RayActorError
+
+    if isinstance(error, RayActorError) and error.actor_init_failed:
+        print("\nan actor failed in its constructor; not restarting, since it would fail the same way again", file=sys.stderr)
+        return False
+    return isinstance(error, RayActorError) and checkpoint is not None and restarts < limit
 
 
 def write_rounds(history: List[Dict[str, float]], path: Path) -> None:

@@ -9,6 +9,7 @@ import ctypes.util
 import functools
 import resource
 from dataclasses import dataclass
+from typing import Optional
 
 GIB = 2**30
 GRADIENT_BYTES, ADAM_BYTES, MASTER_BYTES = 4, 8, 4  # per parameter: fp32 gradient, two fp32 Adam moments, fp32 master
@@ -33,6 +34,8 @@ class ModelShape:
     vocab: int
     bytes_per_value: int
     """2 for bfloat16 weights and activations, 4 for float32."""
+    max_positions: Optional[int] = None
+    """The longest sequence (prompt + response tokens) the model's positions cover; None where its config does not say."""
 
 
 def peak_memory_gb(device: str) -> float:

@@ -32,9 +32,9 @@ from rayrlhf.actors.rollout_worker import RolloutWorker
 from rayrlhf.actors.weight_sync import WeightSync
 from rayrlhf.algos.kl import AdaptiveKLController, FixedKLController
 from rayrlhf.algos.rewards import RunningRewardMoments, gold_pair_accuracy, normalize_rewards, reward_difference_statistics
-from rayrlhf.checkpoints import begin_checkpoint, checkpoint_path, commit_checkpoint, latest_checkpoint, read_state
+from rayrlhf.checkpoints import begin_checkpoint, checkpoint_path, commit_checkpoint, latest_intact_checkpoint, read_state
 from rayrlhf.config import RunConfig
-from rayrlhf.errors import ConfigError
+from rayrlhf.errors import ConfigError, TrainingDivergedError, naming_the_file
 from rayrlhf.seeds import Stream, loop_seed, worker_seed
 from rayrlhf.logs import actor_environment
 from rayrlhf.data.rollouts import Rollout
@@ -188,10 +188,18 @@ class Pipeline:
         return self.generate(prompts, n, seed, 0).response_texts
 
     # ---- start ---------------------------------------------------------------------------------
+    def checkpoint_to_resume(self) -> Optional[Path]:
+        """The newest intact checkpoint; each newer damaged one is named on the console, skipped, and later
+        overwritten by the round that redoes it."""
+        checkpoint, damaged = latest_intact_checkpoint(self.run_dir)
+        for line in damaged:
+            print(f"warning: {line}; resuming from an older one", file=sys.stderr)
+        return checkpoint
+
     def start(self) -> int:
         """Fresh start (SFT, initial RM, round-0 checkpoint) or resume; returns the last finished round."""
         learner, trainer = self.actors.reward_learner, self.actors.ppo_trainer
-        checkpoint = latest_checkpoint(self.run_dir) if self.config.resume else None
+        checkpoint = self.checkpoint_to_resume() if self.config.resume else None
         if checkpoint is not None:
             state = read_state(checkpoint)
             trainer.build(None, str(self.run_dir / "reference"))
@@ -206,7 +214,8 @@ class Pipeline:
                 self.held_out = None
             return state["round"]
         started = time.perf_counter()
-        initial = learner.train_initial()
+        with where_in_run("initial reward-model training"):
+            initial = learner.train_initial()
         initial.update({f"initial_{k}": v for k, v in learner.evaluate().items()})
         critic_weights = learner.critic_weights_reference() if self.config.ppo.critic_from_reward_model else None
         trainer.build(critic_weights, None)
@@ -229,7 +238,8 @@ class Pipeline:
         # mininterval: where stderr is a file or a pipe, each redraw is a line of its own
         for step in tqdm(range(sft.steps), desc="SFT warm-up", file=sys.stderr, leave=False, mininterval=1.0):
             batch = rng.sample(self.prompts.sft, sft.batch_size)
-            losses.append(trainer.sft_step([p for p, _ in batch], [r for _, r in batch])["sft_loss"])
+            with where_in_run(f"SFT step {step + 1}"):
+                losses.append(trainer.sft_step([p for p, _ in batch], [r for _, r in batch])["sft_loss"])
             self.metrics.log("sft", step + 1, {"sft_loss": losses[-1]})
         trainer.end_sft()
         return {"sft_first_loss": losses[0], "sft_last_loss": losses[-1]}
@@ -301,7 +311,8 @@ class Pipeline:
         if reward.reset_each_round:
             learner.load_checkpoint(str(checkpoint_path(self.run_dir, 0)))
         use_policy_meta = reward.method == "metarm" and reward.meta_source == "policy"
-        return learner.train_round(round_index, groups if use_policy_meta else None)
+        with where_in_run(f"round {round_index}, reward-model training"):
+            return learner.train_round(round_index, groups if use_policy_meta else None)
 
     def ppo_steps(self, round_index: int, bar: tqdm) -> Dict[str, float]:
         """The round's PPO steps; their metrics averaged."""
@@ -350,7 +361,8 @@ class Pipeline:
         or to reuse as fixed meta data."""
         folder = self.run_dir / "samples"
         folder.mkdir(exist_ok=True)
-        with open(folder / f"round_{round_index:04d}_meta.jsonl", "w", encoding="utf-8") as handle:
+        path = folder / f"round_{round_index:04d}_meta.jsonl"
+        with naming_the_file(path), open(path, "w", encoding="utf-8") as handle:
             for (prompt, responses), before, after in zip(groups, rewards_before.tolist(), rewards.tolist()):
                 record = {"prompt": prompt, "responses": responses, "rewards_before_rm": before, "rewards": after}
                 if self.task is not None:
@@ -386,8 +398,9 @@ class Pipeline:
 
         started = time.perf_counter()
         kl_coefficient = self.kl.value
-        metrics = self.actors.ppo_trainer.ppo_step(rollout, self.ppo_rewards(scores), kl_coefficient,
-                                                   loop_seed(config.seed, Stream.PPO_UPDATE, round_index, step), round_index)
+        with where_in_run(f"round {round_index}, PPO step {step} (global step {self.global_step})"):
+            metrics = self.actors.ppo_trainer.ppo_step(rollout, self.ppo_rewards(scores), kl_coefficient,
+                                                       loop_seed(config.seed, Stream.PPO_UPDATE, round_index, step), round_index)
         timings["ppo_seconds"] = time.perf_counter() - started
         timings["ppo_tokens_per_second"] = rollout.num_tokens * config.ppo.epochs / timings["ppo_seconds"]
         self.kl.update(metrics["kl_per_sequence"], len(rollout))
@@ -421,16 +434,18 @@ class Pipeline:
         logged as a `checkpoint` record of its own, after the round's (which the checkpoint holds)."""
         started = time.perf_counter()
         staging = begin_checkpoint(self.run_dir, round_index)
-        self.actors.reward_learner.save_checkpoint(str(staging))
-        self.actors.ppo_trainer.save_checkpoint(str(staging), round_index)
+        with where_in_run(f"round {round_index} checkpoint"):
+            self.actors.reward_learner.save_checkpoint(str(staging))
+            self.actors.ppo_trainer.save_checkpoint(str(staging), round_index)
         state = {"round": round_index, "kl_coefficient": self.kl.value, "history": self.history, "global_step": self.global_step}
         self.last_checkpoint = commit_checkpoint(staging, state, self.config.keep_checkpoints)
         self.metrics.log("checkpoint", round_index, {"checkpoint_seconds": time.perf_counter() - started})
 
     def save_final_models(self) -> None:
         """The policy and the RM as transformers folders (each written under a temporary name, then renamed)."""
-        self.actors.ppo_trainer.save_policy(str(self.run_dir / "policy"))
-        self.actors.reward_learner.save_model(str(self.run_dir / "reward_model"))
+        with where_in_run("saving the final models"):
+            self.actors.ppo_trainer.save_policy(str(self.run_dir / "policy"))
+            self.actors.reward_learner.save_model(str(self.run_dir / "reward_model"))
 
     def close(self) -> None:
         self.metrics.close()
@@ -440,6 +455,16 @@ def _groups(rollout: Rollout) -> List[Tuple[str, List[str]]]:
     """(prompt, its k response texts) from a prompt-major rollout."""
     k = rollout.group_size
     return [(rollout.prompt_texts[i], rollout.response_texts[i : i + k]) for i in range(0, len(rollout), k)]
+
+
+@contextlib.contextmanager
+def where_in_run(stage: str):
+    """An actor's TrainingDivergedError (raised inside Ray's wrapper) re-raised as one paragraph that says where in
+    the run it happened."""
+    try:
+        yield
+    except TrainingDivergedError as error:
+        raise TrainingDivergedError(f"{stage}: {getattr(error, 'cause', None) or error}") from None
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ LAYERS = [
     {"evaluation"},  # judges, diversity, RMs on preference sets, reports (no Ray)
     {"training"},  # DeepSpeed learners, process groups, weight buckets (no Ray)
     {"models", "engines", "data"},  # building and saving models; the rollout engines; data sources, batches
-    {"memory_plan", "checkpoints", "metrics", "plots", "logs", "faults", "cli", "run_lock"},  # run-level utilities
+    {"memory_plan", "checkpoints", "metrics", "plots", "logs", "faults", "cli", "run_dir"},  # run-level utilities
     {"algos", "memory", "seeds"},  # the math as pure functions; memory probes; every random stream's seed
     {"config"},
     {"errors"},

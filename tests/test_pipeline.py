@@ -14,8 +14,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from rayrlhf.checkpoints import damage
 from rayrlhf.config import DataSource, SyntheticTask, load_config
 from rayrlhf.data.synthetic import SyntheticPreferenceTask
 from rayrlhf.data.sources import load_preference_pairs
@@ -193,6 +196,35 @@ def test_a_crashing_actor_shows_its_traceback_and_resume_reaches_the_same_end(hf
     record("an exception in an actor (PPO step, round 3)", "`RAYRLHF_FAULT=ppo_step:3`",
            "the run stops (exit 1) with the actor's traceback and names round_0002; `resume=true` ends with the "
            "uninterrupted run's rounds.csv and metrics.jsonl", f"round 3 up to the error ({lost} PPO steps logged), redone")
+
+
+@pytest.mark.fault
+def test_a_non_finite_step_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    """NaN rewards in round 2's first PPO step (a diverged step): the run stops there, before the step is taken,
+    with one paragraph and exit 2; round 1's checkpoint stays the latest, every tensor in it finite."""
+    run_dir = tmp_path / "nan"
+    failure = run_main(*TINY_HF, f"run_dir={run_dir}", env={FAULT_VARIABLE: "ppo_step:2:nan"}, expect=2)
+    assert "error: round 2, PPO step 1 (global step 5): PPO policy update: loss = nan" in failure.stderr
+    assert "Traceback" not in failure.stderr and "last checkpoint: " in failure.stderr and "round_0001" in failure.stderr
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round_0000", "round_0001"]
+    assert not (run_dir / "policy").exists() and not (run_dir / "reward_model").exists()
+    saved = [f for f in (run_dir / "checkpoints" / "round_0001").rglob("*.pt")]
+    assert saved and all(torch.isfinite(t).all() for f in saved for t in load_file(f).values() if t.is_floating_point())
+    record("a non-finite training step (NaN rewards, round 2)", "`RAYRLHF_FAULT=ppo_step:2:nan`",
+           "the run stops before the step (exit 2, one paragraph naming round, step and loss); round_0001 stays the "
+           "latest checkpoint, every tensor in it finite; no final model is written", "round 2 up to the error")
+
+    # Then round 1's checkpoint is damaged (a weight file cut short): resume names it and falls back to round 0.
+    damaged = max((run_dir / "checkpoints" / "round_0001" / "ppo").rglob("*model_states.pt"), key=lambda f: f.stat().st_size)
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    resumed = run_main(*TINY_HF, f"run_dir={run_dir}", "resume=true", "rounds=1")
+    where = damaged.relative_to(run_dir / "checkpoints" / "round_0001")
+    assert (f"warning: checkpoint {run_dir / 'checkpoints' / 'round_0001'} is damaged: {where} has changed since it was "
+            "written") in resumed.stderr and f"resumed from {run_dir / 'checkpoints' / 'round_0000'}" in resumed.stderr
+    assert damage(run_dir / "checkpoints" / "round_0001") is None  # redone and written whole
+    record("a damaged latest checkpoint (a weight file cut to half)", "truncating round_0001's policy state, then "
+           "`resume=true`", "resume names the file and falls back to round_0000, the newest intact checkpoint, with a "
+           "warning; round 1 is redone and its checkpoint written whole", "round 1, redone")
 
 
 @pytest.mark.fault

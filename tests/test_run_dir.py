@@ -1,5 +1,5 @@
 """One writer per run dir, and a run dir that cannot be written: refused with one paragraph and exit 2 before Ray
-starts (rayrlhf/run_lock.py, called by launch)."""
+starts (rayrlhf.run_dir.py, called by launch)."""
 import errno
 import json
 import logging
@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from rayrlhf.errors import ConfigError
-from rayrlhf.run_lock import LOCK_NAME, RunDirLock, prepare_run_dir
+from rayrlhf.errors import ConfigError, RunDirWriteError
+from rayrlhf.metrics import MetricsLogger
+from rayrlhf.run_dir import LOCK_NAME, RunDirLock, prepare_run_dir
 
 from conftest import ROOT, child_env
 
-HOLD_LOCK = "import sys, time; from pathlib import Path; from rayrlhf.run_lock import RunDirLock\n" \
+HOLD_LOCK = "import sys, time; from pathlib import Path; from rayrlhf.run_dir import RunDirLock\n" \
             "with RunDirLock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(120)"
 
 
@@ -46,7 +47,7 @@ def test_a_run_into_a_folder_another_run_writes_exits_2_before_writing(tmp_path)
         holder.kill()
         holder.wait()
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert f"is in use by another run (host" in result.stderr and f"pid {holder.pid}," in result.stderr
+    assert "is in use by another run (host" in result.stderr and f"pid {holder.pid}," in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_NAME]
 
 
@@ -80,3 +81,45 @@ def test_the_command_line_names_a_file_in_the_way_with_exit_2(tmp_path):
     result = run_cli(f"run_dir={tmp_path / 'taken'}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "is a file, not a folder; choose another run_dir" in result.stderr
+
+
+class FillsUp:
+    """metrics.jsonl's file, as on a disk that fills: the next write puts `room` bytes down, then raises ENOSPC."""
+
+    def __init__(self, raw, room: int):
+        self.raw, self.room, self.name = raw, room, raw.name
+
+    def write(self, data: bytes) -> int:
+        if len(data) > self.room:
+            self.raw.write(data[: self.room])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.raw.write(data)
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
+
+    def close(self) -> None:
+        self.raw.close()
+        raise OSError(errno.ENOSPC, "No space left on device")  # as closing on a full disk can
+
+
+def test_a_metrics_line_the_disk_cannot_hold_is_undone_and_the_file_named(tmp_path):
+    metrics = MetricsLogger(tmp_path)
+    metrics.log("round", 1, {"gold_reward": 1.5})
+    whole = (tmp_path / "metrics.jsonl").read_bytes()
+    metrics._jsonl = FillsUp(metrics._jsonl, room=10)  # an injected ENOSPC: a test cannot fill a real disk safely
+    with pytest.raises(RunDirWriteError, match=rf"^cannot write {tmp_path / 'metrics.jsonl'}: No space left on device$"):
+        metrics.log("round", 2, {"gold_reward": 1.7})
+    assert (tmp_path / "metrics.jsonl").read_bytes() == whole  # no half line
+    metrics.close()  # the second ENOSPC, on close, is logged rather than raised over the first
+
+
+def test_a_full_disk_under_the_driver_stops_the_run_naming_the_file_with_exit_2(tmp_path):
+    """metrics.jsonl is /dev/full (every write: ENOSPC): the driver's first metrics line fails."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").symlink_to("/dev/full")
+    result = run_cli(f"run_dir={run_dir}", "sft.steps=0", "reward.initial_max_steps=1", "rounds=1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"error: cannot write {run_dir / 'metrics.jsonl'}: No space left on device" in result.stderr
+    assert "stopped; last checkpoint: none yet" in result.stderr

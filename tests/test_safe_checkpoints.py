@@ -6,6 +6,9 @@ import pytest
 import torch
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
 
+from rayrlhf.errors import TrainingDivergedError
+from rayrlhf.models.build import save_model
+from rayrlhf.training.finite import require_finite_losses
 from rayrlhf.training.safe_checkpoints import UnsafeCheckpointError, load_state, save_state, writable
 
 from helpers import tiny_rm
@@ -89,3 +92,27 @@ def test_only_tensors_that_share_storage_or_are_views_are_copied_for_writing():
     for name in ("view", "again", "strided"):  # copied: safetensors refuses shared or partial storage
         assert written[name].untyped_storage().data_ptr() not in (whole.data_ptr(), other.data_ptr())
     assert written["view"].tolist() == [2.0, 3.0] and written["strided"].tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_state_with_a_non_finite_tensor_is_never_written(tmp_path, bad):
+    state = {"module": {"weight": torch.tensor([1.0, bad]), "step": torch.tensor(3)}}
+    with pytest.raises(TrainingDivergedError, match=r"checkpoint file .*state\.pt: non-finite values in tensor 0; nothing was written"):
+        save_state(state, str(tmp_path / "state.pt"))
+    assert not (tmp_path / "state.pt").exists()
+
+
+def test_a_model_with_a_non_finite_weight_is_never_saved(tmp_path):
+    _, tokenizer = tiny_rm.task_and_tokenizer()
+    model = tiny_rm.tiny_reward_model(tokenizer)
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("nan")
+    with pytest.raises(TrainingDivergedError, match="non-finite values in"):
+        save_model(model, tokenizer, tmp_path / "rm")
+    assert not (tmp_path / "rm").exists() and not (tmp_path / "rm.tmp").exists()
+
+
+def test_a_non_finite_loss_stops_the_step_naming_it():
+    require_finite_losses({"loss": 0.5, "accuracy": 1.0}, "reward-model step")
+    with pytest.raises(TrainingDivergedError, match=r"^PPO policy update: loss = nan; the step was not taken"):
+        require_finite_losses({"loss": float("nan"), "clip_fraction": 0.1}, "PPO policy update")

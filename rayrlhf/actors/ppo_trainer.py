@@ -3,6 +3,7 @@
 Every rank receives the whole rollout and trains on its own contiguous share of the rows; rank 0 hands
 out the policy weights for the rollout workers. The driver calls the ranks through PPOTrainerGroup (below).
 """
+import math
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -13,7 +14,7 @@ from rayrlhf.config import RunConfig
 from rayrlhf.data.batches import encode_prompts, end_token_id
 from rayrlhf.data.reward_data import task_tokenizer
 from rayrlhf.data.rollouts import Rollout
-from rayrlhf.faults import inject_fault
+from rayrlhf.faults import inject_fault, poisons_with_nan
 from rayrlhf.memory import releasing_memory
 from rayrlhf.models.build import build_causal_lm, build_reward_model, load_tokenizer, save_model
 from rayrlhf.seeds import critic_init_seed
@@ -72,6 +73,8 @@ class PPOTrainer(RankActor):
     def ppo_step(self, rollout: Rollout, scores: List[float], kl_coefficient: float, seed: int, round_index: int) -> Dict[str, float]:
         """One PPO step on this rank's share of the rollout; returns metrics averaged over ranks."""
         inject_fault("ppo_step", round_index, self.config.run_dir)
+        if poisons_with_nan("ppo_step", round_index):
+            scores = [math.nan] * len(scores)
         share = len(rollout) // self.world_size
         mine = rollout.rows(self.rank * share, (self.rank + 1) * share)
         torch.manual_seed(seed)

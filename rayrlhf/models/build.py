@@ -6,12 +6,14 @@ Reward models and critics are `AutoModelForSequenceClassification(num_labels=1)`
 standard transformers folders; rayrlhf/models/heads.py reads their head at the positions we choose.
 """
 import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -26,6 +28,7 @@ from transformers import (
 
 from rayrlhf.config import ModelSpec
 from rayrlhf.errors import ModelSourceError
+from rayrlhf.models.finite import require_finite_tensors
 from rayrlhf.memory import ModelShape
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -84,14 +87,37 @@ def _from_pretrained(factory, location: str, gguf_file: Optional[str], spec: Mod
         ) from None
 
 
-def _load_weights(factory, spec: ModelSpec, **kwargs) -> PreTrainedModel:
-    """A model's weights from safetensors or GGUF only: pickled weights (.bin, .pt) can run code when loaded."""
-    location, gguf_file = resolve_source(spec)
-    if gguf_file is None and Path(location).is_dir() and not any(Path(location).glob("*.safetensors")):
+def check_weights(spec: ModelSpec) -> None:
+    """A local folder's weights are there and whole, read from their headers only (no weights loaded): a
+    ModelSourceError names the folder without .safetensors weights, or the file that is cut short or damaged."""
+    location, gguf_file = resolve_source(spec) if spec.source != "tiny" else (None, None)
+    if location is None or gguf_file is not None or not Path(location).is_dir():
+        return
+    files = sorted(Path(location).glob("*.safetensors"))
+    if not files:
         raise ModelSourceError(
             f"model folder {location!r} has no .safetensors weights; pickled weights are not loaded. Convert it once "
             "where you trust it: AutoModel.from_pretrained(folder).save_pretrained(folder, safe_serialization=True)"
         )
+    index = Path(location) / "model.safetensors.index.json"
+    if index.is_file():
+        shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        missing = sorted(name for name in shards if not (Path(location) / name).is_file())
+        if missing:
+            raise ModelSourceError(f"model folder {location!r}: weight files {', '.join(missing)} named by {index.name} are missing")
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise ModelSourceError(f"weight file {str(file)!r} is damaged or cut short ({error}); restore it or "
+                                   "save the model again") from None
+
+
+def _load_weights(factory, spec: ModelSpec, **kwargs) -> PreTrainedModel:
+    """A model's weights from safetensors or GGUF only: pickled weights (.bin, .pt) can run code when loaded."""
+    location, gguf_file = resolve_source(spec)
+    check_weights(spec)
     safetensors_only = {} if gguf_file else {"use_safetensors": True}
     model = _from_pretrained(factory, location, gguf_file, spec, **safetensors_only, **kwargs)
     if gguf_file:
@@ -131,7 +157,8 @@ def model_shape(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, causal: boo
         model = factory.from_config(config)
     return ModelShape(parameters=sum(p.numel() for p in model.parameters()), layers=config.num_hidden_layers,
                       hidden=config.hidden_size, intermediate=getattr(config, "intermediate_size", 4 * config.hidden_size),
-                      heads=config.num_attention_heads, vocab=config.vocab_size, bytes_per_value=torch.finfo(_dtype(spec)).bits // 8)
+                      heads=config.num_attention_heads, vocab=config.vocab_size, bytes_per_value=torch.finfo(_dtype(spec)).bits // 8,
+                      max_positions=getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None))
 
 
 def _dtype(spec: ModelSpec) -> torch.dtype:
@@ -170,7 +197,9 @@ def build_reward_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, seed
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
-    """Save as a transformers folder with safetensors, written under a temporary name and renamed into place."""
+    """Save as a transformers folder with safetensors, written under a temporary name and renamed into place;
+    refused (TrainingDivergedError) when a weight is not finite."""
+    require_finite_tensors(model.state_dict().items(), f"model for {folder}")
     folder = Path(folder)
     staging = folder.with_name(folder.name + ".tmp")
     if staging.exists():

@@ -39,6 +39,7 @@ from rayrlhf.data.batches import TokenIds, micro_batch_slices
 from rayrlhf.data.rollouts import Rollout, SequenceBatch, collate_sequences
 from rayrlhf.models.heads import token_values
 from rayrlhf.training.distributed import average_across_ranks
+from rayrlhf.training.finite import require_finite_losses
 from rayrlhf.training.engines import accumulate_gradients, deepspeed_config, enable_gradient_checkpointing
 
 
@@ -139,7 +140,7 @@ class PPOLearner:
             log_probs, _ = response_log_probs(self.policy, part, with_entropy=False)
             return -masked_mean(log_probs, part.response_mask.float()), {}
 
-        loss = self._accumulated_step(self.policy, batch, batch.response_mask.float(), loss_of)["loss"]
+        loss = self._accumulated_step("SFT", self.policy, batch, batch.response_mask.float(), loss_of)["loss"]
         return {"sft_loss": _mean_over_ranks(loss)}
 
     def end_sft(self) -> None:
@@ -205,11 +206,11 @@ class PPOLearner:
             return clipped_value_loss(response_values(self.critic, micro), part.values[rows],
                                       part.returns[rows], mask[rows], settings.value_clip_range)
 
-        policy = self._accumulated_step(self.policy, part.batch, mask, policy_loss_of)
-        critic = self._accumulated_step(self.critic, part.batch, mask, value_loss_of)
+        policy = self._accumulated_step("PPO policy", self.policy, part.batch, mask, policy_loss_of)
+        critic = self._accumulated_step("PPO critic", self.critic, part.batch, mask, value_loss_of)
         return {"policy_loss": policy.pop("loss"), "value_loss": critic.pop("loss"), **policy, **critic}
 
-    def _accumulated_step(self, engine, batch: SequenceBatch, mask: torch.Tensor,
+    def _accumulated_step(self, name: str, engine, batch: SequenceBatch, mask: torch.Tensor,
                           loss_of: Callable[[SequenceBatch, slice], Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
                           ) -> Dict[str, float]:
         """One optimizer step of `engine` on the token mean of loss_of over the batch (this rank's rows) and
@@ -228,6 +229,7 @@ class PPOLearner:
             return loss * weight * share
 
         accumulate_gradients(engine, len(slices), weighted_loss)
+        require_finite_losses(totals, f"{name} update")
         engine.step()
         return totals
 

@@ -31,6 +31,7 @@ from rayrlhf.models.build import build_reward_model, save_model
 from rayrlhf.models.heads import reward_scores
 from rayrlhf.seeds import rounding_seed
 from rayrlhf.training.distributed import average_across_ranks
+from rayrlhf.training.finite import require_finite_losses
 from rayrlhf.training.engines import accumulate_gradients, deepspeed_config, enable_gradient_checkpointing
 
 logger = logging.getLogger(__name__)
@@ -149,6 +150,7 @@ class RewardModelTrainer:
         """θ ← θ - α ∇L_θ(X_t)."""
         self.engine.train()
         values = self._preference_backward(batch)
+        require_finite_losses(values, "reward-model step")
         self.engine.step()
         return values
 
@@ -177,6 +179,7 @@ class RewardModelTrainer:
         with torch.no_grad():
             for tensor, saved in zip(live, backup):
                 tensor.copy_(saved)  # back to θ; the gradient taken at θ' stays
+        require_finite_losses({**values, "difference_loss": difference_before}, "MetaRM step")
         self.engine.step()
         return {**values, "difference_loss": difference_before, "ascent_kept": self._ascent_kept(sizes)}
 
@@ -276,6 +279,7 @@ class RewardModelTrainer:
         # Hand the engine a surrogate whose gradient is the meta-gradient; its rank average is itself.
         surrogate = sum((p * meta_gradient[name]).sum() for name, p in module.named_parameters() if p.requires_grad)
         accumulate_gradients(self.engine, 1, lambda _: surrogate)
+        require_finite_losses({"loss": float(loss), "difference_loss": difference_before}, "MetaRM second-order step")
         self.engine.step()
         with torch.no_grad():
             accuracy = sum(weight * preference_accuracy(*_split_pairs(functional_call(

@@ -21,6 +21,8 @@ from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngi
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from rayrlhf.models.finite import require_finite_tensors
+
 STRUCTURE_KEY = "rayrlhf.structure"
 
 # The only classes a checkpoint may name; rebuilt from their fields, never by running pickled code.
@@ -120,6 +122,7 @@ def writable(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 def save_state(state: Any, path: str) -> None:
     tensors: Dict[str, torch.Tensor] = {}
     structure = encode(state, tensors)
+    require_finite_tensors(((f"tensor {name}", tensor) for name, tensor in tensors.items()), f"checkpoint file {path}")
     save_file(writable(tensors), path, metadata={STRUCTURE_KEY: json.dumps(structure)})
 
 

@@ -1,4 +1,5 @@
-"""One writer per run dir: an advisory lock on run_dir/.lock, held for the whole run.
+"""The run dir: created writable before anything starts, and written by one run at a time (an advisory lock on
+run_dir/.lock, held for the whole run).
 
 The lock is an OS file lock (flock), so it dies with its holder: a run killed with SIGKILL leaves the file behind
 but not the lock, and the next run (a resume, say) takes it over with a warning naming the run that left it.
