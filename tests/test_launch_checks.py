@@ -6,7 +6,9 @@ from ray.exceptions import ActorDiedError, RayTaskError
 from rayrlhf.config import ModelSpec, load_config
 from rayrlhf.errors import ConfigError, ModelSourceError
 from rayrlhf.launch import check_models, check_sequence_lengths, model_shapes, worth_a_restart
+from rayrlhf.memory_plan import check_memory, estimate_actors
 from rayrlhf.models.build import check_weights, save_model
+from rayrlhf.pipeline import load_prompt_sets
 
 from helpers import tiny_rm
 
@@ -75,3 +77,13 @@ def test_an_actor_constructor_error_is_not_restarted_but_a_dead_process_is(tmp_p
     assert worth_a_restart(died_running, tmp_path, restarts=0, limit=2)
     assert not worth_a_restart(died_running, tmp_path, restarts=2, limit=2)
     assert not worth_a_restart(died_running, None, restarts=0, limit=2)  # no checkpoint to restart from
+
+
+def test_unbounded_sizes_are_refused_before_any_actor():
+    """The issue's two: 100000 samples per prompt (took the machine from 15.7 to 2.2 GB free in 60 s) is refused by
+    the memory estimate on a 24 GB machine; an SFT batch larger than the data by the sample-size check."""
+    config, shapes = shapes_for("rollout.n_per_prompt=100000", "rollout.engine=hf")
+    with pytest.raises(ConfigError, match=r"the actors would need about \d+\.\d GiB .* the node has 24\.0 GiB available"):
+        check_memory(estimate_actors(config, shapes, "hf"), available_gb=24.0)
+    with pytest.raises(ConfigError, match=r"^sft.batch_size=100000 but the training split of data.preference .* has 644 "):
+        load_prompt_sets(load_config("conf/tiny.yaml", ["sft.batch_size=100000"]))
