@@ -277,6 +277,29 @@ class RewardTrainingConfig(Schema):
     """Sequences per forward pass when the RM evaluates (pairs: half of it) or scores rollouts (no gradients)."""
 
 
+class GroupInvariantConfig(Schema):
+    """Group invariant policy learning (rayrlhf/algos/group_invariant.py, docs/methods.md): a group predictor on the
+    critic's features sorts each PPO batch into groups of high and low return, the policy is penalised for doing
+    unequally well on them, and the KL penalty is strengthened on the high-return ("easy") group."""
+
+    enabled: bool = False
+    """Turn GIL on (a group head on the critic, the invariance penalty, and with adaptive_kl the per-group KL)."""
+    groups: int = Field(2, ge=2)
+    """M, the groups the predictor infers (2 in the paper: easy and hard)."""
+    beta_policy: float = Field(1.0, ge=0)
+    """β_policy: weight of the variance of the policy's clipped surrogate across groups in the policy loss."""
+    beta_critic: float = Field(1.0, ge=0)
+    """β_critic: weight of the predictor's objective, the variance of returns across groups (maximised)."""
+    predictor_lr: float = Field(1e-2, gt=0)
+    """AdamW learning rate of the group predictor (the critic's group head; the rest of the critic keeps
+    ppo.critic_lr). Its objective starts at a saddle, equal groups, which a small rate leaves slowly."""
+    adaptive_kl: bool = True
+    """Scale each sequence's KL coefficient by 1 + adaptive_kl_scale · p(high-return group | sequence). Off: the
+    plain KL penalty (the paper's ablation "without the dynamic KL")."""
+    adaptive_kl_scale: float = Field(1.0, ge=0)
+    """λ of the adaptive KL: a sequence surely in the high-return group gets (1 + λ) times the KL coefficient."""
+
+
 class PPOConfig(Schema):
     """PPO against the reward model (paper values by default)."""
 
@@ -339,6 +362,8 @@ class PPOConfig(Schema):
     reward.gradient_checkpointing)."""
     critic_from_reward_model: bool = True
     """Initialise the critic from the trained RM (the paper); needs policy and RM to share a tokenizer."""
+    group_invariant: GroupInvariantConfig = GroupInvariantConfig()
+    """Group invariant policy learning (Zheng et al. 2023; docs/methods.md): off unless enabled."""
 
 
 class SFTConfig(Schema):

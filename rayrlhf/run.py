@@ -26,6 +26,7 @@ TABLE_COLUMNS = [
     ("win_rate", "win", "{:.3f}"),
     ("lose_rate", "lose", "{:.3f}"),
     ("kl_per_sequence", "KL", "{:.4f}"),
+    ("gil_return_variance", "grp var", "{:.4f}"),
     ("entropy", "entropy", "{:.3f}"),
     ("response_length", "length", "{:.1f}"),
     ("peak_memory_gb", "peak GB", "{:.2f}"),

@@ -111,15 +111,18 @@ def test_two_reward_learner_ranks_make_the_one_rank_metarm_update(tmp_path):
 
 
 def ppo_update(config, ranks: int, rollout, scores):
-    """One PPO step on a group of `ranks` PPO trainers; returns the policy weights before and after."""
+    """One PPO step on a group of `ranks` PPO trainers; returns the policy weights before and after, and the step's
+    group invariant learning metrics (whole-batch statistics, read with the group head after its update)."""
     with rank_group(PPOTrainer, PPOTrainerGroup, config, ranks) as trainer:
         trainer.build(None, None)
         before = trainer.on_every_rank(lambda rank: rank.policy_weights.remote())[0]
-        trainer.ppo_step(rollout, scores, 0.05, 7, 1)
-        return before, trainer.on_every_rank(lambda rank: rank.policy_weights.remote())[0]
+        metrics = trainer.ppo_step(rollout, scores, 0.05, 7, 1)
+        after = trainer.on_every_rank(lambda rank: rank.policy_weights.remote())[0]
+        return before, after, {name: torch.tensor(value) for name, value in metrics.items() if name.startswith("gil_")}
 
 
-def test_two_ppo_ranks_make_the_one_rank_update(tmp_path):
+@pytest.mark.parametrize("group_invariant", ["false", "true"])
+def test_two_ppo_ranks_make_the_one_rank_update(tmp_path, group_invariant):
     task = SyntheticPreferenceTask(SyntheticTask(num_prompts=400), seed=0)
     tokenizer = task.tokenizer()
     prompts = [text for _, text in task.prompts()[:4]]
@@ -136,13 +139,20 @@ def test_two_ppo_ranks_make_the_one_rank_update(tmp_path):
     for ranks, micro, forward in ((1, "null", "null"), (2, "null", "null"), (2, 3, 1)):
         config = tiny_config(tmp_path, "ppo.rollout_batch_size=4", "rollout.n_per_prompt=2", "ppo.mini_batches=1", "ppo.epochs=2",
                              "ppo.policy_lr=1e-3", "ppo.critic_lr=1e-3", f"ppo.micro_batch_size={micro}",
-                             f"ppo.forward_micro_batch_size={forward}", f"resources.ppo_ranks={ranks}", "resources.cpus_per_actor=0.5")
+                             f"ppo.forward_micro_batch_size={forward}", f"resources.ppo_ranks={ranks}", "resources.cpus_per_actor=0.5",
+                             f"ppo.group_invariant.enabled={group_invariant}", "ppo.group_invariant.beta_policy=5.0",
+                             "ppo.group_invariant.beta_critic=50.0")
         results[ranks, micro] = ppo_update(config, ranks, rollout, scores)
-    (initial, one), (_, two), (_, two_micro) = results[1, "null"], results[2, "null"], results[2, 3]
+    (initial, one, groups), (_, two, two_groups), (_, two_micro, two_micro_groups) = results[1, "null"], results[2, "null"], results[2, 3]
     for name in one:
         torch.testing.assert_close(two[name], one[name], atol=2e-5, rtol=0)
         torch.testing.assert_close(two_micro[name], one[name], atol=2e-5, rtol=0)
+    for name in groups:  # the predictor's update (and the penalty, the adaptive KL) reduced over ranks exactly
+        torch.testing.assert_close(two_groups[name], groups[name], atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(two_micro_groups[name], groups[name], atol=2e-5, rtol=1e-5)
     assert max((one[n] - initial[n]).abs().max().item() for n in one) > 1e-3  # the step moved the policy
+    assert sorted(groups) == ([] if group_invariant == "false" else sorted(
+        ["gil_penalty", "gil_return_variance"] + [f"gil_group{g}_{what}" for g in (0, 1) for what in ("size", "return", "kl")]))
 
 
 def test_more_cpus_or_gpus_than_the_cluster_has_are_refused_before_any_actor(tmp_path, capsys):

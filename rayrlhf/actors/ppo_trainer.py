@@ -17,6 +17,7 @@ from rayrlhf.data.rollouts import Rollout
 from rayrlhf.faults import inject_fault, poisons_with_nan
 from rayrlhf.memory import releasing_memory
 from rayrlhf.models.build import build_causal_lm, build_reward_model, load_tokenizer, save_model
+from rayrlhf.models.heads import attach_group_head
 from rayrlhf.seeds import critic_init_seed
 from rayrlhf.training.distributed import init_distributed, teardown_distributed
 from rayrlhf.training.ppo_learner import PPOLearner
@@ -46,6 +47,8 @@ class PPOTrainer(RankActor):
         critic = build_reward_model(critic_spec, self.tokenizer, seed=critic_init_seed(config.seed))
         if critic_weights is not None:
             critic.load_state_dict(critic_weights)
+        if config.ppo.group_invariant.enabled:
+            attach_group_head(critic, config.ppo.group_invariant.groups, seed=critic_init_seed(config.seed))
         rows = config.ppo.rollout_batch_size * config.rollout.n_per_prompt
         self.learner = PPOLearner(policy, critic, config.ppo, micro_batch_size=rows // self.world_size // config.ppo.mini_batches,
                                   pad_id=self.tokenizer.pad_token_id, device=config.resources.device)

@@ -33,3 +33,21 @@ def reward_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mas
 def token_values(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """V(s_t) at every position, for a critic (e.g. initialised from the RM). (B, T) -> (B, T)."""
     return _score_head(model)(_hidden_states(model, input_ids, attention_mask)).squeeze(-1).float()
+
+
+def token_values_and_last_hidden(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """token_values and the backbone's hidden state at each row's last real token, from one pass: ((B, T), (B, H))."""
+    hidden = _hidden_states(model, input_ids, attention_mask)  # (B, T, H)
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]  # (B, H)
+    return _score_head(model)(hidden).squeeze(-1).float(), last
+
+
+def attach_group_head(model: PreTrainedModel, groups: int, seed: int) -> None:
+    """A Linear(hidden, groups) `group_head` on a critic: group invariant learning's predictor p_φ(g | x, y), read at
+    the last real token. A submodule, so the critic's engine trains, averages over ranks and checkpoints it."""
+    generator = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(model.config.hidden_size, groups)
+    with torch.no_grad():
+        head.weight.normal_(0.0, 0.02, generator=generator)
+        head.bias.zero_()
+    model.group_head = head.to(next(model.parameters()).dtype)

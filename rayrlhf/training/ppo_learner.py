@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from rayrlhf.algos.group_invariant import group_means, sequence_surrogates, between_group_variance
 from rayrlhf.algos.kl import kl_estimate
 from rayrlhf.algos.ppo import (
     clipped_policy_loss,
@@ -37,9 +38,10 @@ from rayrlhf.algos.rewards import clip_rewards, token_level_rewards
 from rayrlhf.config import PPOConfig
 from rayrlhf.data.batches import TokenIds, micro_batch_slices
 from rayrlhf.data.rollouts import Rollout, SequenceBatch, collate_sequences
-from rayrlhf.models.heads import token_values
+from rayrlhf.models.heads import token_values, token_values_and_last_hidden
 from rayrlhf.training.distributed import average_across_ranks
 from rayrlhf.training.finite import require_finite_losses
+from rayrlhf.training.group_invariance import GroupInvariance, reduced_group_sums
 from rayrlhf.training.engines import accumulate_gradients, deepspeed_config, enable_gradient_checkpointing
 
 
@@ -55,6 +57,7 @@ class Experience:
     returns: torch.Tensor  # A + V_old: the value targets
     kl: torch.Tensor  # the KL estimate to the reference, per token
     entropy: torch.Tensor  # of π_old, per token
+    critic_features: torch.Tensor  # (B, H): the critic's last-token hidden state (group invariant learning's input)
     logprob_mismatch: torch.Tensor  # (): mean |log π_engine - log π_old|, how far the rollout engine's log-probs are
 
     def rows(self, chosen: torch.Tensor) -> "Experience":
@@ -63,13 +66,22 @@ class Experience:
         return Experience(batch=self.batch.select(chosen), logprob_mismatch=self.logprob_mismatch, **per_row)
 
 
-def build_engine(model: nn.Module, lr: float, micro_batch_size: int, zero_stage: int, max_grad_norm: float):
+def build_engine(model: nn.Module, lr: float, micro_batch_size: int, zero_stage: int, max_grad_norm: float,
+                 group_head_lr: Optional[float] = None):
+    """A DeepSpeed engine over `model` with AdamW at `lr`; a critic's group head (group invariant learning) at
+    group_head_lr, since its objective starts at a saddle (equal groups) that it must leave quickly."""
     import deepspeed
 
     from rayrlhf.training.safe_checkpoints import use_safetensors_checkpoints
 
     bf16 = next(model.parameters()).dtype == torch.bfloat16
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)  # one kernel per update
+    named = list(model.named_parameters())
+    groups = [{"params": [p for n, p in named if not n.startswith("group_head.")]}]
+    if group_head_lr is not None and hasattr(model, "group_head"):
+        groups.append({"params": list(model.group_head.parameters()), "lr": group_head_lr})
+    else:
+        groups[0]["params"] = [p for _, p in named]
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0, fused=True)  # one kernel per update
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                       config=deepspeed_config(micro_batch_size, zero_stage, bf16, max_grad_norm))
     use_safetensors_checkpoints(engine)
@@ -97,6 +109,12 @@ def response_values(critic: nn.Module, batch: SequenceBatch) -> torch.Tensor:
     return values.gather(1, batch.response_positions)
 
 
+def response_values_and_features(critic: nn.Module, batch: SequenceBatch) -> Tuple[torch.Tensor, torch.Tensor]:
+    """response_values and the critic's hidden state at each row's last token, from one pass: ((B, R), (B, H))."""
+    values, features = token_values_and_last_hidden(critic, batch.input_ids, batch.attention_mask)
+    return values.gather(1, batch.response_positions), features
+
+
 def forward_in_micro_batches(forward: Callable[[SequenceBatch], torch.Tensor], batch: SequenceBatch,
                              size: Optional[int]) -> Tuple[torch.Tensor, ...]:
     """forward() of every micro-batch of at most `size` rows, its outputs (each (b, R)) concatenated to (B, R)."""
@@ -118,9 +136,12 @@ class PPOLearner:
             enable_gradient_checkpointing(policy)
             enable_gradient_checkpointing(critic)
         self.policy = build_engine(policy.to(device), settings.policy_lr, micro_batch_size, settings.zero_stage, settings.max_grad_norm)
-        self.critic = build_engine(critic.to(device), settings.critic_lr, micro_batch_size, settings.zero_stage, settings.max_grad_norm)
+        self.critic = build_engine(critic.to(device), settings.critic_lr, micro_batch_size, settings.zero_stage,
+                                   settings.max_grad_norm, settings.group_invariant.predictor_lr)
         self.device = self.policy.device
         self.reference = self.freeze_reference()
+        # group invariant learning (off by default): the critic carries its group head (attach_group_head)
+        self.groups = GroupInvariance(settings.group_invariant, self.critic) if settings.group_invariant.enabled else None
 
     def freeze_reference(self) -> nn.Module:
         """π_ref: a frozen copy of the policy as it is now (after any SFT warm-up)."""
@@ -166,15 +187,19 @@ class PPOLearner:
         old_log_probs, entropy = forward_in_micro_batches(lambda part: response_log_probs(self.policy, part), batch, self.forward_rows)
         (reference_log_probs,) = forward_in_micro_batches(lambda part: response_log_probs(self.reference, part, False)[:1],
                                                           batch, self.forward_rows)
-        (values,) = forward_in_micro_batches(lambda part: response_values(self.critic, part), batch, self.forward_rows)
+        values, features = forward_in_micro_batches(lambda part: response_values_and_features(self.critic, part), batch,
+                                                    self.forward_rows)
         kl = kl_estimate(old_log_probs, reference_log_probs, settings.kl_estimator) * mask
-        rewards = token_level_rewards(clip_rewards(scores.to(self.device), settings.reward_clip), kl, mask, kl_coefficient)
+        sequence_rewards = clip_rewards(scores.to(self.device), settings.reward_clip)
+        if self.groups is not None:  # one KL coefficient per sequence, (B, 1)
+            kl_coefficient = self.groups.kl_coefficients(features, sequence_rewards, kl_coefficient)
+        rewards = token_level_rewards(sequence_rewards, kl, mask, kl_coefficient)
         advantages, returns = generalized_advantage_estimation(rewards, values, mask, settings.gamma, settings.lam)
         sums = torch.stack([(advantages * mask).sum(), (advantages**2 * mask).sum(), mask.sum()])
         _sum_over_ranks(sums)
         advantages = masked_whiten(advantages, mask, *sums)
         engine_log_probs = _padded(rollout.log_probs, mask.shape).to(self.device)
-        return Experience(batch, mask, old_log_probs, values, advantages, returns, kl, entropy,
+        return Experience(batch, mask, old_log_probs, values, advantages, returns, kl, entropy, features,
                           logprob_mismatch=masked_mean((engine_log_probs - old_log_probs).abs(), mask))
 
     def train(self, experience: "Experience", seed: int) -> Dict[str, float]:
@@ -196,37 +221,64 @@ class PPOLearner:
 
     def _update(self, part: "Experience") -> Dict[str, float]:
         settings, mask = self.settings, part.mask
+        penalty_weights, predictor_weights, extra = None, None, {}
+        if self.groups is not None:
+            penalty_weights, extra["gil_penalty"] = self._invariance_penalty_weights(part)
+            predictor_weights = self.groups.predictor_weights(part.critic_features, part.returns[:, 0])
 
         def policy_loss_of(micro: SequenceBatch, rows: slice):
             log_probs, _ = response_log_probs(self.policy, micro, with_entropy=False)
-            return clipped_policy_loss(log_probs, part.old_log_probs[rows], part.advantages[rows], mask[rows],
-                                       settings.clip_range)
+            loss, metrics = clipped_policy_loss(log_probs, part.old_log_probs[rows], part.advantages[rows], mask[rows],
+                                                settings.clip_range)
+            if penalty_weights is None:
+                return loss, metrics
+            surrogates = sequence_surrogates(log_probs, part.old_log_probs[rows], part.advantages[rows], mask[rows],
+                                             settings.clip_range)
+            return loss, metrics, (penalty_weights[rows] * surrogates).sum()  # ∇ of β_policy Var_g(S_g), this part's share
 
         def value_loss_of(micro: SequenceBatch, rows: slice):
-            return clipped_value_loss(response_values(self.critic, micro), part.values[rows],
-                                      part.returns[rows], mask[rows], settings.value_clip_range)
+            loss, metrics = clipped_value_loss(response_values(self.critic, micro), part.values[rows],
+                                               part.returns[rows], mask[rows], settings.value_clip_range)
+            if predictor_weights is None:
+                return loss, metrics
+            probabilities = self.groups.probabilities(part.critic_features[rows])
+            return loss, metrics, (predictor_weights[rows] * probabilities).sum()  # ∇ of -β_critic Var_g(R_g)
 
         policy = self._accumulated_step("PPO policy", self.policy, part.batch, mask, policy_loss_of)
         critic = self._accumulated_step("PPO critic", self.critic, part.batch, mask, value_loss_of)
-        return {"policy_loss": policy.pop("loss"), "value_loss": critic.pop("loss"), **policy, **critic}
+        return {"policy_loss": policy.pop("loss"), "value_loss": critic.pop("loss"), **policy, **critic, **extra}
+
+    @torch.no_grad()
+    def _invariance_penalty_weights(self, part: "Experience") -> Tuple[torch.Tensor, float]:
+        """GIL: each row's weight in the policy's invariance penalty, from the surrogates at the current θ (a
+        no-gradient pass over the mini-batch), and the penalty's value β_policy Var_g(S_g)."""
+        settings = self.settings
+        (log_probs,) = forward_in_micro_batches(lambda micro: response_log_probs(self.policy, micro, False)[:1],
+                                                part.batch, self.forward_rows)
+        surrogates = sequence_surrogates(log_probs, part.old_log_probs, part.advantages, part.mask, settings.clip_range)
+        weights = self.groups.penalty_weights(part.critic_features, surrogates)
+        sums, sizes = reduced_group_sums(surrogates, self.groups.probabilities(part.critic_features))
+        return weights, settings.group_invariant.beta_policy * between_group_variance(group_means(sums, sizes), sizes).item()
 
     def _accumulated_step(self, name: str, engine, batch: SequenceBatch, mask: torch.Tensor,
                           loss_of: Callable[[SequenceBatch, slice], Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
                           ) -> Dict[str, float]:
         """One optimizer step of `engine` on the token mean of loss_of over the batch (this rank's rows) and
         the other ranks': micro-batches of settings.micro_batch_size rows, each token-mean loss weighted by
-        its share of the global tokens. Returns the loss and metrics as token means over this rank's rows."""
+        its share of the global tokens. Returns the loss and metrics as token means over this rank's rows.
+        loss_of returns (loss, metrics) or (loss, metrics, term): a term already weighted for the whole batch (group
+        invariant learning's), added to the backward pass as it is."""
         share, tokens = _token_share(mask), mask.sum()
         slices = micro_batch_slices(len(batch), self.settings.micro_batch_size)
         totals: Dict[str, float] = {}
 
         def weighted_loss(index: int) -> torch.Tensor:
             rows = slices[index]
-            loss, metrics = loss_of(batch.part(rows), rows)
+            loss, metrics, *term = loss_of(batch.part(rows), rows)
             weight = mask[rows].sum() / tokens  # the micro-batch's share of this rank's tokens
             for name, value in {"loss": loss, **metrics}.items():
                 totals[name] = totals.get(name, 0.0) + (value * weight).item()
-            return loss * weight * share
+            return loss * weight * share + (term[0] if term else 0.0)
 
         accumulate_gradients(engine, len(slices), weighted_loss)
         require_finite_losses(totals, f"{name} update")
@@ -234,7 +286,8 @@ class PPOLearner:
         return totals
 
     def summarise(self, experience: "Experience", trained: Dict[str, float]) -> Dict[str, float]:
-        """Step metrics averaged over ranks: KL to the reference, entropy, length, explained variance, losses."""
+        """Step metrics averaged over ranks: KL to the reference, entropy, length, explained variance, losses (and with
+        group invariant learning the groups' sizes, mean returns, their variance and KL)."""
         mask = experience.mask
         local = {
             **trained,
@@ -245,6 +298,8 @@ class PPOLearner:
             "explained_variance": explained_variance(experience.values, experience.returns, mask).item(),
             "logprob_mismatch": experience.logprob_mismatch.item(),
         }
+        if self.groups is not None:  # whole-batch group statistics (reduced over ranks), after the step's updates
+            local.update(self.groups.metrics(experience.critic_features, experience.returns[:, 0], experience.kl.sum(dim=1)))
         values = torch.tensor(list(local.values()), dtype=torch.float64)
         average_across_ranks([values])
         return dict(zip(local, values.tolist()))
