@@ -16,7 +16,7 @@ from rayrlhf.data.batches import encode_prompts, end_token_id
 from rayrlhf.data.rollouts import collate_sequences
 from rayrlhf.models.build import build_causal_lm
 from rayrlhf.engines.generation import generate
-from rayrlhf.training.ppo_learner import response_log_probs
+from rayrlhf.training.ppo_passes import response_log_probs
 from rayrlhf.training.safe_checkpoints import load_state
 
 

@@ -6,17 +6,21 @@ weighted by its share of the mini-batch's tokens (ranks' responses differ in len
 equals the one-rank update on the whole rollout. Each rank's share of a mini-batch runs in micro-batches of
 `micro_batch_size` rows, each token-mean loss weighted by its share of the tokens, so the accumulated gradient
 is the whole share's (rayrlhf/training/engines.py); the no-grad passes run `forward_micro_batch_size` rows at
-a time. Per step (Ouyang et al. 2022; the MetaRM paper's settings):
+a time (the passes themselves: rayrlhf/training/ppo_passes.py). Per step (Ouyang et al. 2022; the MetaRM
+paper's settings):
 
     old log π, log π_ref, V                    one no-grad pass over the rollout
     r_t = -β KL_t (+ clip(r(x, y)) on the last token)     rayrlhf/algos/rewards.py
     A, R = GAE(r, V; γ, λ), A whitened          rayrlhf/algos/ppo.py
     epochs × mini-batches of the clipped policy and value losses
+
+With ppo.group_invariant enabled, group invariant learning adds its terms (rayrlhf/training/group_invariance.py,
+docs/methods.md): a KL coefficient per sequence, the policy's invariance penalty and the group predictor's loss.
 """
 import copy
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -27,9 +31,7 @@ from rayrlhf.algos.kl import kl_estimate
 from rayrlhf.algos.ppo import (
     clipped_policy_loss,
     clipped_value_loss,
-    entropy_from_logits,
     explained_variance,
-    gather_log_probs,
     generalized_advantage_estimation,
     masked_mean,
     masked_whiten,
@@ -38,11 +40,12 @@ from rayrlhf.algos.rewards import clip_rewards, token_level_rewards
 from rayrlhf.config import PPOConfig
 from rayrlhf.data.batches import TokenIds, micro_batch_slices
 from rayrlhf.data.rollouts import Rollout, SequenceBatch, collate_sequences
-from rayrlhf.models.heads import token_values, token_values_and_last_hidden
 from rayrlhf.training.distributed import average_across_ranks
 from rayrlhf.training.finite import require_finite_losses
 from rayrlhf.training.group_invariance import GroupInvariance, reduced_group_sums
-from rayrlhf.training.engines import accumulate_gradients, deepspeed_config, enable_gradient_checkpointing
+from rayrlhf.training.engines import accumulate_gradients, enable_gradient_checkpointing
+from rayrlhf.training.ppo_passes import (build_engine, forward_in_micro_batches, response_log_probs, response_values,
+                                         response_values_and_features)
 
 
 @dataclass
@@ -64,63 +67,6 @@ class Experience:
         """The rows `chosen` (indices): one mini-batch."""
         per_row = {f.name: getattr(self, f.name)[chosen] for f in fields(self) if f.name not in ("batch", "logprob_mismatch")}
         return Experience(batch=self.batch.select(chosen), logprob_mismatch=self.logprob_mismatch, **per_row)
-
-
-def build_engine(model: nn.Module, lr: float, micro_batch_size: int, zero_stage: int, max_grad_norm: float,
-                 group_head_lr: Optional[float] = None):
-    """A DeepSpeed engine over `model` with AdamW at `lr`; a critic's group head (group invariant learning) at
-    group_head_lr, since its objective starts at a saddle (equal groups) that it must leave quickly."""
-    import deepspeed
-
-    from rayrlhf.training.safe_checkpoints import use_safetensors_checkpoints
-
-    bf16 = next(model.parameters()).dtype == torch.bfloat16
-    named = list(model.named_parameters())
-    groups = [{"params": [p for n, p in named if not n.startswith("group_head.")]}]
-    if group_head_lr is not None and hasattr(model, "group_head"):
-        groups.append({"params": list(model.group_head.parameters()), "lr": group_head_lr})
-    else:
-        groups[0]["params"] = [p for _, p in named]
-    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0, fused=True)  # one kernel per update
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                      config=deepspeed_config(micro_batch_size, zero_stage, bf16, max_grad_norm))
-    use_safetensors_checkpoints(engine)
-    return engine
-
-
-def response_log_probs(model: nn.Module, batch: SequenceBatch, with_entropy: bool = True):
-    """(log π(response tokens), entropy or None), both (B, R), from one forward pass over prompt+response.
-
-    The LM head runs only from the first position that predicts a response token on (transformers'
-    logits_to_keep): the (B, L, V) logits of the prompts are never formed.
-    """
-    first = int(batch.response_positions.min())
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                   logits_to_keep=batch.input_ids.shape[1] - first).logits  # (B, L - first, V)
-    positions = (batch.response_positions - first).unsqueeze(-1).expand(-1, -1, logits.shape[-1])
-    at_responses = logits.gather(1, positions)  # (B, R, V)
-    entropy = entropy_from_logits(at_responses) if with_entropy else None
-    return gather_log_probs(at_responses, batch.response_tokens), entropy
-
-
-def response_values(critic: nn.Module, batch: SequenceBatch) -> torch.Tensor:
-    """V(s_t) for the state before each response token: (B, R)."""
-    values = token_values(critic, batch.input_ids, batch.attention_mask)  # (B, L)
-    return values.gather(1, batch.response_positions)
-
-
-def response_values_and_features(critic: nn.Module, batch: SequenceBatch) -> Tuple[torch.Tensor, torch.Tensor]:
-    """response_values and the critic's hidden state at each row's last token, from one pass: ((B, R), (B, H))."""
-    values, features = token_values_and_last_hidden(critic, batch.input_ids, batch.attention_mask)
-    return values.gather(1, batch.response_positions), features
-
-
-def forward_in_micro_batches(forward: Callable[[SequenceBatch], torch.Tensor], batch: SequenceBatch,
-                             size: Optional[int]) -> Tuple[torch.Tensor, ...]:
-    """forward() of every micro-batch of at most `size` rows, its outputs (each (b, R)) concatenated to (B, R)."""
-    outputs = [forward(batch.part(rows)) for rows in micro_batch_slices(len(batch), size)]
-    outputs = [output if isinstance(output, tuple) else (output,) for output in outputs]
-    return tuple(torch.cat(parts) for parts in zip(*outputs))
 
 
 class PPOLearner:
