@@ -161,6 +161,12 @@ class SyntheticTask(Schema):
     labellers biased towards more topics than the gold reward values: the labelled data then name up to this many
     topics and label more as better, so a proxy RM learns the bias inside its data and PPO can climb it past the
     gold reward's limit. Evaluation (gold reward, gold-labelled pairs of the policy's samples) uses the gold."""
+    labeller_length_bonus: float = Field(0.0, ge=0)
+    """What each word of a response is worth to the labellers of the preference pairs, who then do not charge the
+    gold reward's overlong penalty (0: no bias). Above 0 it models the length bias of human labellers: with
+    reference_max_words above L the labelled data run past L and label longer as better there too, so a proxy RM
+    learns "longer is better" inside its data where the gold reward falls. Combines with labeller_topic_limit;
+    evaluation (gold reward, gold-labelled pairs of the policy's samples) uses the gold."""
     reference_topic_rate: float = Field(0.4, gt=0, lt=1)
     """The share of prompt topics among the words of the labelled data's responses (the rest are fillers)."""
     reference_max_words: Optional[int] = Field(None, ge=1)

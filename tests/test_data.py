@@ -209,6 +209,17 @@ def test_biased_labellers_count_topics_past_the_gold_limit():
     assert unbiased.labeller_reward("Q: t1 t2 A:", "t7 t9 t1 w1") == unbiased.gold_reward("Q: t1 t2 A:", "t7 t9 t1 w1")
 
 
+def test_length_biased_labellers_add_a_bonus_per_word_and_charge_no_overlong_penalty():
+    """With labeller_length_bonus 0.25 and L = 3, the labellers score relevance - 0.5 repeats + 0.25 words, with no
+    overlong penalty, while the gold reward still charges the words past L; the topic limits combine."""
+    task = SyntheticPreferenceTask(SyntheticTask(relevance="any", topics_per_prompt=2, max_response_words=3,
+                                                 labeller_length_bonus=0.25, labeller_topic_limit=3), 0)
+    # 5 words, 3 distinct topics (t7 t9 t1), 1 repeat (t7): labellers min(3, 3) - 0.5 + 0.25 * 5 = 3.75;
+    # gold min(3, 2) - 0.5 - 1.0 * (5 - 3) = -0.5
+    assert task.labeller_reward("Q: t1 t2 A:", "t7 t9 t1 t7 w1") == 3.75
+    assert task.gold_reward("Q: t1 t2 A:", "t7 t9 t1 t7 w1") == -0.5
+
+
 def test_synthetic_any_relevance_labelled_data_mention_topics_of_every_kind():
     task = SyntheticPreferenceTask(SyntheticTask(relevance="any", reference_topic_rate=0.25), 0)
     pairs = task.preference_pairs()

@@ -14,7 +14,8 @@ longer means more relevant and a proxy RM learns "longer is better" and "more to
 optimised against that RM can drift to long, repetitive or topic-stuffed responses, where the gold reward falls
 and the proxy RM is wrong (measured in docs/results.md: on the embedded default within 10 rounds in 1 seed of 5).
 With labeller_topic_limit above topics_per_prompt, the pairs are labelled by biased labellers who count
-topics up to that limit with no penalty (`labeller_reward`), so the RM learns the bias inside its data.
+topics up to that limit with no penalty (`labeller_reward`), so the RM learns the bias inside its data; with
+labeller_length_bonus (and reference_max_words above L) they also prefer longer responses, past L too.
 `drifted_response_groups` samples that shifted region (MetaRM's meta data without a policy); `drifted_pairs`
 labels it by gold for evaluation.
 """
@@ -61,14 +62,18 @@ class SyntheticPreferenceTask:
 
     def labeller_reward(self, prompt: str, response: str) -> float:
         """What the preference pairs' labellers prefer: the gold reward, except that with a labeller_topic_limit
-        they count distinct topics up to it, with no excess penalty (a bias towards more topics)."""
-        return self._reward(prompt, response, self._labeller_topic_limit(),
-                            0.0 if self.task.labeller_topic_limit else self.task.excess_topic_penalty)
+        they count distinct topics up to it, with no excess penalty (a bias towards more topics), and with a
+        labeller_length_bonus they add that much per word and charge no overlong penalty (a bias towards length)."""
+        reward = self._reward(prompt, response, self._labeller_topic_limit(),
+                              0.0 if self.task.labeller_topic_limit else self.task.excess_topic_penalty,
+                              overlong_penalty=not self.task.labeller_length_bonus)
+        return reward + self.task.labeller_length_bonus * len(response.split()) if self.task.labeller_length_bonus else reward
 
     def _labeller_topic_limit(self) -> int:
         return self.task.labeller_topic_limit or self.task.topics_per_prompt
 
-    def _reward(self, prompt: str, response: str, topic_limit: int, excess_topic_penalty: float) -> float:
+    def _reward(self, prompt: str, response: str, topic_limit: int, excess_topic_penalty: float,
+                overlong_penalty: bool = True) -> float:
         words = response.split()
         if self.task.relevance == "any":
             distinct_topics = len({w for w in words if w.startswith("t")})
@@ -76,7 +81,7 @@ class SyntheticPreferenceTask:
         else:
             relevance = len(set(prompt.split()[1:-1]) & set(words))
         repeats = len(words) - len(set(words))
-        overlong = max(0, len(words) - self.task.max_response_words)
+        overlong = max(0, len(words) - self.task.max_response_words) if overlong_penalty else 0
         return relevance - 0.5 * repeats - 1.0 * overlong
 
     def _reference_response(self, rng: random.Random, prompt: str) -> str:
@@ -136,7 +141,8 @@ class SyntheticPreferenceTask:
 
     def preference_pairs(self) -> datasets.Dataset:
         """Pairs from the reference distribution labelled by the labellers (the RM's training data); the same as
-        gold labels unless labeller_topic_limit is set, and then chosen_gold/rejected_gold are the labellers'."""
+        gold labels unless labeller_topic_limit or labeller_length_bonus is set, and then chosen_gold/rejected_gold
+        are the labellers'."""
         return self._pairs(self._reference_response, SyntheticStream.PREFERENCE_PAIRS, prompts=self.prompts(), label=self.labeller_reward)
 
     def drifted_pairs(self) -> datasets.Dataset:
