@@ -167,6 +167,11 @@ class SyntheticTask(Schema):
     reference_max_words above L the labelled data run past L and label longer as better there too, so a proxy RM
     learns "longer is better" inside its data where the gold reward falls. Combines with labeller_topic_limit;
     evaluation (gold reward, gold-labelled pairs of the policy's samples) uses the gold."""
+    demonstrations: Literal["chosen", "unbiased"] = "chosen"
+    """What SFT trains on: the chosen responses of the preference pairs (`chosen`), or demonstrations written
+    without the labellers' biases (`unbiased`: per prompt the gold-better of two draws from the reference
+    distribution capped at L words and at topics_per_prompt topics), as when demonstrations and preference labels
+    come from different people. With biased labellers the chosen responses carry the bias into the SFT policy."""
     reference_topic_rate: float = Field(0.4, gt=0, lt=1)
     """The share of prompt topics among the words of the labelled data's responses (the rest are fillers)."""
     reference_max_words: Optional[int] = Field(None, ge=1)

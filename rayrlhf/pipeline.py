@@ -80,6 +80,9 @@ def load_prompt_sets(config: RunConfig) -> PromptSets:
         meta = list(dict.fromkeys(load_preference_pairs(data.meta_prompts, data.synthetic, config.seed).pairs["prompt"]))
     held_out = list(dict.fromkeys(evaluation["prompt"]))[: config.evaluation.prompts]
     sft_pairs = list(zip(train["prompt"], train["chosen"]))
+    if data.preference.format == "synthetic" and data.synthetic.demonstrations == "unbiased":
+        training = set(train_prompts)
+        sft_pairs = [pair for pair in SyntheticPreferenceTask(data.synthetic, config.seed).demonstrations() if pair[0] in training]
     check_sample_sizes(config, len(train_prompts), len(meta), len(sft_pairs))
     return PromptSets(train_prompts, meta, sft_pairs, held_out)
 

@@ -66,6 +66,7 @@ class SyntheticStream(IntEnum):
     PREFERENCE_PAIRS = 1
     DRIFTED_PAIRS = 2
     DRIFTED_GROUPS = 3
+    DEMONSTRATIONS = 4
 
 
 def synthetic_seed(seed: int, stream: SyntheticStream) -> int:

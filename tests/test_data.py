@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from rayrlhf.config import DataSource, SyntheticTask
+from rayrlhf.config import DataSource, SyntheticTask, load_config
 from rayrlhf.data.batches import (collate_groups, collate_pair_list, collate_pairs, encode_prompt_response,
                                   group_micro_batches, micro_batch_slices, pair_micro_batches, rank_shard)
 from rayrlhf.data.rollouts import collate_sequences
@@ -14,6 +14,7 @@ from rayrlhf.data.sources import (is_eval_prompt, load_preference_pairs, load_sa
                                    split_hh_transcript)
 from rayrlhf.data.synthetic import SyntheticPreferenceTask
 from rayrlhf.errors import DataError
+from rayrlhf.pipeline import load_prompt_sets
 
 from conftest import DATA, data_file
 
@@ -311,3 +312,25 @@ def test_synthetic_distractors_need_topics_outside_the_wanted_ones():
     task = SyntheticPreferenceTask(SyntheticTask(relevance="any", reference_distractor_rate=0.5), 0)
     words = [w for r in task.preference_pairs() for w in (r["chosen"] + " " + r["rejected"]).split()]
     assert any(w.startswith("w") for w in words) and all(w.startswith(("t", "w")) for w in words)
+
+
+def test_unbiased_demonstrations_stay_within_the_gold_limits_while_biased_chosen_responses_do_not():
+    """SFT's data with data.synthetic.demonstrations=unbiased: one per prompt, never past L words or the gold's topic
+    limit, whatever the labellers' biases; the length-biased labellers' chosen responses run past L."""
+    task = SyntheticPreferenceTask(SyntheticTask(relevance="any", topics_per_prompt=3, reference_topic_rate=0.25,
+                                                 labeller_length_bonus=0.2, reference_max_words=8, num_prompts=200), 0)
+    demonstrations = task.demonstrations()
+    assert [prompt for prompt, _ in demonstrations] == [prompt for _, prompt in task.prompts()]
+    words = [response.split() for _, response in demonstrations]
+    assert max(map(len, words)) <= 6 and max(len({w for w in r if w.startswith("t")}) for r in words) <= 3
+    chosen = [c.split() for c in task.preference_pairs()["chosen"]]
+    assert sum(len(c) > 6 for c in chosen) > 0.2 * len(chosen)
+    assert task.demonstrations() == demonstrations  # the same for the same seed
+
+
+def test_sft_trains_on_unbiased_demonstrations_of_the_training_prompts_when_asked():
+    config = load_config("conf/tiny.yaml", ["data.synthetic.demonstrations=unbiased"])
+    sets = load_prompt_sets(config)
+    demonstrations = dict(SyntheticPreferenceTask(config.data.synthetic, config.seed).demonstrations())
+    assert {prompt for prompt, _ in sets.sft} == set(sets.train)
+    assert all(demonstrations[prompt] == response for prompt, response in sets.sft)

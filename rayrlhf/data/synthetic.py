@@ -84,16 +84,19 @@ class SyntheticPreferenceTask:
         overlong = max(0, len(words) - self.task.max_response_words) if overlong_penalty else 0
         return relevance - 0.5 * repeats - 1.0 * overlong
 
-    def _reference_response(self, rng: random.Random, prompt: str) -> str:
+    def _reference_response(self, rng: random.Random, prompt: str, unbiased: bool = False) -> str:
         """Where the labelled data lives: 1..reference_max_words (default L) words, each a prompt topic with
         probability reference_topic_rate, else another word (_other_words); with reference_repeats off, each
-        drawn from the words not used yet (a topic, once every prompt topic is used, becomes another word)."""
+        drawn from the words not used yet (a topic, once every prompt topic is used, becomes another word).
+        unbiased: at most L words and the gold reward's topic limit (a demonstration writer's, not a labeller's)."""
         wanted = self.topics if self.task.relevance == "any" else prompt.split()[1:-1]
-        length = rng.randint(1, self.task.reference_max_words or self.task.max_response_words)
+        most_words = self.task.max_response_words if unbiased else self.task.reference_max_words or self.task.max_response_words
+        topic_limit = self.task.topics_per_prompt if unbiased else self._labeller_topic_limit()
+        length = rng.randint(1, most_words)
         rate, words = self.task.reference_topic_rate, []
         for _ in range(length):
             topics, others = wanted, self._other_words(rng, wanted)
-            if len({w for w in words if w in wanted}) >= self._labeller_topic_limit():
+            if len({w for w in words if w in wanted}) >= topic_limit:
                 topics = [t for t in topics if t in words]  # never past the topic limit the labellers count
             if not self.task.reference_repeats:
                 topics, others = [t for t in topics if t not in words], [w for w in others if w not in words]
@@ -144,6 +147,17 @@ class SyntheticPreferenceTask:
         gold labels unless labeller_topic_limit or labeller_length_bonus is set, and then chosen_gold/rejected_gold
         are the labellers'."""
         return self._pairs(self._reference_response, SyntheticStream.PREFERENCE_PAIRS, prompts=self.prompts(), label=self.labeller_reward)
+
+    def demonstrations(self) -> List[Tuple[str, str]]:
+        """(prompt, response) per prompt written without the labellers' biases: the gold-better of two unbiased
+        reference draws (data.synthetic.demonstrations: unbiased, SFT's data)."""
+        rng = random.Random(synthetic_seed(self.seed, SyntheticStream.DEMONSTRATIONS))
+        chosen = []
+        for _, prompt in self.prompts():
+            first, second = (self._reference_response(rng, prompt, unbiased=True) for _ in range(2))
+            better = first if self.gold_reward(prompt, first) >= self.gold_reward(prompt, second) else second
+            chosen.append((prompt, better))
+        return chosen
 
     def drifted_pairs(self) -> datasets.Dataset:
         """Gold-labelled pairs from the drifted distribution (where a proxy RM fails)."""
