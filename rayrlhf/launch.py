@@ -113,7 +113,7 @@ def launch(config: RunConfig, on_round: Optional[Callable[[Dict[str, float]], No
         placement=None, first_bundle: int = 0) -> List[Dict[str, float]]:
     """Validate, start the actors, run the rounds; returns the per-round summaries. A Tune trial passes its
     own placement group (the actors take its bundles from first_bundle on) and a per-round callback. The run
-    holds run_dir's lock throughout (rayrlhf.run_dir.py): a second run into the same folder is refused."""
+    holds run_dir's lock throughout (rayrlhf/run_dir.py): a second run into the same folder is refused."""
     from rayrlhf.pipeline import load_prompt_sets
 
     choose_engine(config.rollout.engine)  # an absent vLLM asked for by name is an error here

@@ -1,5 +1,5 @@
 """One writer per run dir, and a run dir that cannot be written: refused with one paragraph and exit 2 before Ray
-starts (rayrlhf.run_dir.py, called by launch)."""
+starts (rayrlhf/run_dir.py, called by launch)."""
 import errno
 import json
 import logging
