@@ -136,20 +136,21 @@ def test_two_ppo_ranks_make_the_one_rank_update(tmp_path, group_invariant):
     scores = [0.5, -0.3, 0.9, 0.1, -0.7, 0.4, 0.2, -0.1]
     results = {}
     # 2 ranks also with micro-batches: each rank's 4 rows 3 + 1 in the update, one at a time in the no-grad passes
-    for ranks, micro, forward in ((1, "null", "null"), (2, "null", "null"), (2, 3, 1)):
+    # with group invariant learning, 1 rank against 2 ranks with micro-batches only (each configuration is ~40 s)
+    configurations = ((1, "null", "null"), (2, 3, 1)) if group_invariant == "true" else ((1, "null", "null"), (2, "null", "null"), (2, 3, 1))
+    for ranks, micro, forward in configurations:
         config = tiny_config(tmp_path, "ppo.rollout_batch_size=4", "rollout.n_per_prompt=2", "ppo.mini_batches=1", "ppo.epochs=2",
                              "ppo.policy_lr=1e-3", "ppo.critic_lr=1e-3", f"ppo.micro_batch_size={micro}",
                              f"ppo.forward_micro_batch_size={forward}", f"resources.ppo_ranks={ranks}", "resources.cpus_per_actor=0.5",
                              f"ppo.group_invariant.enabled={group_invariant}", "ppo.group_invariant.beta_policy=5.0",
                              "ppo.group_invariant.beta_critic=50.0")
         results[ranks, micro] = ppo_update(config, ranks, rollout, scores)
-    (initial, one, groups), (_, two, two_groups), (_, two_micro, two_micro_groups) = results[1, "null"], results[2, "null"], results[2, 3]
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], atol=2e-5, rtol=0)
-        torch.testing.assert_close(two_micro[name], one[name], atol=2e-5, rtol=0)
-    for name in groups:  # the predictor's update (and the penalty, the adaptive KL) reduced over ranks exactly
-        torch.testing.assert_close(two_groups[name], groups[name], atol=2e-5, rtol=1e-5)
-        torch.testing.assert_close(two_micro_groups[name], groups[name], atol=2e-5, rtol=1e-5)
+    (initial, one, groups) = results[1, "null"]
+    for (_, two, two_groups) in (results[key] for key in results if key != (1, "null")):
+        for name in one:
+            torch.testing.assert_close(two[name], one[name], atol=2e-5, rtol=0)
+        for name in groups:  # the predictor's update (and the penalty, the adaptive KL) reduced over ranks exactly
+            torch.testing.assert_close(two_groups[name], groups[name], atol=2e-5, rtol=1e-5)
     assert max((one[n] - initial[n]).abs().max().item() for n in one) > 1e-3  # the step moved the policy
     assert sorted(groups) == ([] if group_invariant == "false" else sorted(
         ["gil_penalty", "gil_return_variance"] + [f"gil_group{g}_{what}" for g in (0, 1) for what in ("size", "return", "kl")]))
