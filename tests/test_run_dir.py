@@ -12,15 +12,12 @@ from pathlib import Path
 import pytest
 
 from rayrlhf.actors.rollout_worker import MODEL_FOLDER_PREFIX, sweep_stale_model_folders
+from rayrlhf.config import load_config
 from rayrlhf.errors import ConfigError, RunDirWriteError
 from rayrlhf.metrics import MetricsLogger
 from rayrlhf.run_dir import LOCK_NAME, RunDirLock, prepare_run_dir
 
 from conftest import ROOT, child_env
-
-HOLD_LOCK = "import sys, time; from pathlib import Path; from rayrlhf.run_dir import RunDirLock\n" \
-            "with RunDirLock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(120)"
-
 
 def run_cli(*arguments: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "rayrlhf.run", "conf/tiny.yaml", "rollout.engine=hf", *arguments],
@@ -37,20 +34,28 @@ def test_a_second_lock_on_the_same_run_dir_is_refused_with_the_holder_named(tmp_
         pass
 
 
-def test_a_run_into_a_folder_another_run_writes_exits_2_before_writing(tmp_path):
-    """A concurrent holder in another process (as a run started a second earlier): the new run is refused and
-    writes nothing into the folder."""
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], cwd=ROOT, env=child_env(),
-                              stdout=subprocess.PIPE, text=True)
+def test_two_runs_into_one_folder_the_second_is_refused_and_the_first_ends_alone(tmp_path):
+    """The issue's case: a second run started into the folder a first one is writing. The second exits 2 naming the
+    first, before writing anything; the first finishes with its own metrics only."""
+    run_dir = tmp_path / "run"
+    small = ("rounds=1", "ppo.steps_per_round=2", "sft.steps=5", "reward.initial_max_steps=5", f"run_dir={run_dir}")
+    first = subprocess.Popen([sys.executable, "-m", "rayrlhf.run", "conf/tiny.yaml", "rollout.engine=hf", *small, "seed=0"],
+                             cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        assert holder.stdout.readline().strip() == "held"
-        result = run_cli(f"run_dir={tmp_path}", "seed=1")
+        deadline = time.monotonic() + 120
+        while not (run_dir / LOCK_NAME).is_file() or not (run_dir / LOCK_NAME).read_text():
+            assert first.poll() is None and time.monotonic() < deadline, "the first run never took the lock"
+            time.sleep(0.1)
+        second = run_cli(*small, "seed=1")
+        assert first.wait(timeout=300) == 0, first.stderr.read()[-3000:]
     finally:
-        holder.kill()
-        holder.wait()
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "is in use by another run (host" in result.stderr and f"pid {holder.pid}," in result.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_NAME]
+        first.kill()
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    assert "is in use by another run (host" in second.stderr and f"pid {first.pid}," in second.stderr
+    assert load_config(str(run_dir / "config.yaml")).seed == 0
+    phases = [json.loads(line)["phase"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert phases.count("start") == 1 and phases.count("round") == 1  # one run's records, not two runs' mixed
+    assert (run_dir / LOCK_NAME).read_text() == ""  # released when the first run ended
 
 
 def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_warning(tmp_path, caplog):
