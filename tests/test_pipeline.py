@@ -221,6 +221,15 @@ def test_a_non_finite_step_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
            "`resume=true`", "resume names the file and falls back to round_0000, the newest intact checkpoint, with a "
            "warning; round 1 is redone and its checkpoint written whole", "round 1, redone")
 
+    # Then an error in an actor's constructor (deterministic): the run ends at once, with no restart from round_0001.
+    failed = run_main(*TINY_HF, f"run_dir={run_dir}", "resume=true", "rounds=2",
+                      env={FAULT_VARIABLE: "RolloutWorker.__init__:0"}, expect=1)
+    assert "an actor failed in its constructor; not restarting" in failed.stderr
+    assert "restarting every actor" not in failed.stderr and "injected fault at RolloutWorker.__init__" in failed.stderr
+    record("an error in an actor's constructor", "`RAYRLHF_FAULT=RolloutWorker.__init__:0` on `resume=true`",
+           "the run ends at once (exit 1) with the constructor's traceback, no restart from the checkpoint (the same "
+           "error would repeat)", "nothing; the checkpoint stays")
+
 
 @pytest.mark.fault
 def test_a_rollout_worker_killed_mid_round_is_restarted_and_the_run_ends_as_uninterrupted(default_run, tmp_path):

@@ -31,6 +31,7 @@ MODEL_FOLDER_PREFIX = "rayrlhf-rollout-"
 class RolloutWorker(MemoryReporting):
     def __init__(self, config: RunConfig, worker_index: int):
         prepare_actor_process(config, f"rollout_worker_{worker_index}")
+        inject_fault("RolloutWorker.__init__", 0)  # a deterministic error in a constructor (tests)
         self.config, self.worker_index = config, worker_index
         self.tokenizer = load_tokenizer(config.policy, task_tokenizer(config.data, config.seed))
         model = build_causal_lm(config.policy, self.tokenizer, seed=config.seed).to(config.resources.device)
