@@ -32,4 +32,10 @@ def write(path: Path) -> None:
     ]
     lines += ["| " + " | ".join(row[column].replace("|", "\\|") for column in COLUMNS) + " |" for row in ROWS]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text("\n".join(lines) + "\n")
+    Path(path).write_text("\n".join(lines) + "\n" + _written_by_hand(Path(path)))
+
+
+def _written_by_hand(path: Path) -> str:
+    """The file's sections after the generated table (from its first `## ` heading on), kept as they are."""
+    existing = path.read_text() if path.is_file() else ""
+    return existing[existing.index("\n## "):] if "\n## " in existing else ""
