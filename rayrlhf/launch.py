@@ -14,7 +14,7 @@ from rayrlhf.errors import ConfigError, ModelSourceError, RayRLHFError, RunDirWr
 from rayrlhf.logs import configure_logging
 from rayrlhf.engines.vllm_engine import choose_engine
 from rayrlhf.plots import plot_rounds
-from rayrlhf.run_dir import RunDirLock, prepare_run_dir
+from rayrlhf.run_dir import RunDirLock, check_run_dir_writable
 
 
 def check_models(config: RunConfig) -> Dict[str, Any]:
@@ -118,14 +118,16 @@ def launch(config: RunConfig, on_round: Optional[Callable[[Dict[str, float]], No
 
     choose_engine(config.rollout.engine)  # an absent vLLM asked for by name is an error here
     run_dir = Path(config.run_dir)
-    prepare_run_dir(run_dir)
-    with RunDirLock(run_dir):
+    check_run_dir_writable(run_dir)
+    with RunDirLock(run_dir) as lock:  # held at once where run_dir exists: a run writing it is refused here
         check_run_dir(config)
         prompts = load_prompt_sets(config)
         shapes = model_shapes(config, check_models(config))
         check_sequence_lengths(config, shapes)
         ray = start_ray(config)
         memory = estimate_memory(config, shapes, ray)
+        if lock.acquire():  # a new run_dir, made now (nothing is written for a run refused above)
+            check_run_dir(config)  # a run that started into it meanwhile may have written a checkpoint
         configure_logging(run_dir / "logs" / "driver.log", config.log_level)
         save_config(config, run_dir / "config.yaml")
         # what the actors were expected to need, beside what they used (metrics: peak_memory_gb_*)

@@ -15,7 +15,7 @@ from rayrlhf.actors.rollout_worker import MODEL_FOLDER_PREFIX, sweep_stale_model
 from rayrlhf.config import load_config
 from rayrlhf.errors import ConfigError, RunDirWriteError
 from rayrlhf.metrics import MetricsLogger
-from rayrlhf.run_dir import LOCK_NAME, RunDirLock, prepare_run_dir
+from rayrlhf.run_dir import LOCK_NAME, RunDirLock, check_run_dir_writable
 
 from conftest import ROOT, child_env
 
@@ -71,16 +71,16 @@ def test_a_file_in_the_way_of_run_dir_is_named(tmp_path, layout):
     (tmp_path / "taken").write_text("not a folder")
     run_dir = tmp_path / "taken" if layout == "run_dir is a file" else tmp_path / "taken" / "run"
     with pytest.raises(ConfigError, match=f"{tmp_path / 'taken'}' is a file, not a folder"):
-        prepare_run_dir(run_dir)
+        check_run_dir_writable(run_dir)
 
 
-def test_a_read_only_run_dir_is_named(tmp_path, monkeypatch):
-    def read_only(*_, **__):
-        raise OSError(errno.EROFS, "Read-only file system")
-
-    monkeypatch.setattr(Path, "mkdir", read_only)  # a read-only mount, which a test cannot make without root
-    with pytest.raises(ConfigError, match=r"run_dir '.*/ro' cannot be created: Read-only file system"):
-        prepare_run_dir(tmp_path / "ro")
+def test_a_read_only_run_dir_is_named_and_nothing_is_created(tmp_path, monkeypatch):
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == tmp_path else real_access(path, mode))
+    # as on a read-only mount, which a test cannot make without privileges the CI machine may not give
+    with pytest.raises(ConfigError, match=rf"run_dir '{tmp_path / 'ro' / 'run'}' cannot be written \('{tmp_path}' is read-only"):
+        check_run_dir_writable(tmp_path / "ro" / "run")
+    assert not (tmp_path / "ro").exists()
 
 
 def test_the_command_line_names_a_file_in_the_way_with_exit_2(tmp_path):
