@@ -73,14 +73,25 @@ def init_distributed(device: str, rank: int = 0, world_size: int = 1, master_por
     deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
 
 
+def world_size() -> int:
+    """Ranks in this process's group (1 outside one)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def sum_across_ranks(tensor: torch.Tensor) -> None:
+    """Sum `tensor` over the ranks, in place (nothing to do on one rank)."""
+    if world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
 def average_across_ranks(tensors: Iterable[torch.Tensor]) -> None:
     """In-place mean over the ranks of the default group (a no-op with one rank)."""
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
-    if world_size == 1:
+    ranks = world_size()
+    if ranks == 1:
         return
     for tensor in tensors:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        tensor.div_(world_size)
+        tensor.div_(ranks)
 
 
 def teardown_distributed() -> None:

@@ -9,22 +9,17 @@ variance through per-sequence weights, so 2 ranks or any micro-batch size give t
 from typing import Dict, Tuple
 
 import torch
-import torch.distributed as dist
 
 from rayrlhf.algos.group_invariant import (adaptive_kl_coefficients, group_means, group_sums, high_return_group,
                                            invariance_gradient_weights, predictor_gradient_weights, between_group_variance)
 from rayrlhf.config import GroupInvariantConfig
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+from rayrlhf.training.distributed import sum_across_ranks, world_size
 
 
 def reduced_group_sums(values: torch.Tensor, probabilities: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """group_sums over every rank's rows: (Σ p v, Σ p), each (M,)."""
     sums = torch.stack(group_sums(values.detach().float(), probabilities.detach().float()))  # (2, M)
-    if _world_size() > 1:
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    sum_across_ranks(sums)
     return sums[0], sums[1]
 
 
@@ -56,15 +51,18 @@ class GroupInvariance:
         with torch.no_grad():
             sums, sizes = reduced_group_sums(returns, self.probabilities(features))
             weights = predictor_gradient_weights(returns.float(), group_means(sums, sizes), sizes, self.settings.beta_critic)
-        return weights * _world_size()
+        return weights * world_size()
 
-    def penalty_weights(self, features: torch.Tensor, surrogates: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def penalty_weights(self, features: torch.Tensor, surrogates: torch.Tensor) -> Tuple[torch.Tensor, float]:
         """c (N,) for this rank's rows, from their per-sequence surrogates at the current θ (a no-gradient pass), scaled
-        by the world size: Σ_i c_i S_i(θ) has the gradient of β_policy Var_g(S_g) over the whole mini-batch."""
-        with torch.no_grad():
-            probabilities = self.probabilities(features)
-            weights = invariance_gradient_weights(*reduced_group_sums(surrogates, probabilities), self.settings.beta_policy)
-        return (probabilities @ weights) * _world_size()
+        by the world size: Σ_i c_i S_i(θ) has the gradient of β_policy Var_g(S_g) over the whole mini-batch; and the
+        penalty's value β_policy Var_g(S_g)."""
+        probabilities = self.probabilities(features)
+        sums, sizes = reduced_group_sums(surrogates, probabilities)
+        weights = invariance_gradient_weights(sums, sizes, self.settings.beta_policy)
+        penalty = self.settings.beta_policy * between_group_variance(group_means(sums, sizes), sizes).item()
+        return (probabilities @ weights) * world_size(), penalty
 
     @torch.no_grad()
     def metrics(self, features: torch.Tensor, returns: torch.Tensor, kl_per_sequence: torch.Tensor) -> Dict[str, float]:

@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from rayrlhf.algos.group_invariant import group_means, sequence_surrogates, between_group_variance
+from rayrlhf.algos.group_invariant import sequence_surrogates
 from rayrlhf.algos.kl import kl_estimate
 from rayrlhf.algos.ppo import (
     clipped_policy_loss,
@@ -40,9 +39,9 @@ from rayrlhf.algos.rewards import clip_rewards, token_level_rewards
 from rayrlhf.config import PPOConfig
 from rayrlhf.data.batches import TokenIds, micro_batch_slices
 from rayrlhf.data.rollouts import Rollout, SequenceBatch, collate_sequences
-from rayrlhf.training.distributed import average_across_ranks
+from rayrlhf.training.distributed import average_across_ranks, sum_across_ranks, world_size
 from rayrlhf.training.finite import require_finite_losses
-from rayrlhf.training.group_invariance import GroupInvariance, reduced_group_sums
+from rayrlhf.training.group_invariance import GroupInvariance
 from rayrlhf.training.engines import accumulate_gradients, enable_gradient_checkpointing
 from rayrlhf.training.ppo_passes import (build_engine, forward_in_micro_batches, response_log_probs, response_values,
                                          response_values_and_features)
@@ -142,7 +141,7 @@ class PPOLearner:
         rewards = token_level_rewards(sequence_rewards, kl, mask, kl_coefficient)
         advantages, returns = generalized_advantage_estimation(rewards, values, mask, settings.gamma, settings.lam)
         sums = torch.stack([(advantages * mask).sum(), (advantages**2 * mask).sum(), mask.sum()])
-        _sum_over_ranks(sums)
+        sum_across_ranks(sums)
         advantages = masked_whiten(advantages, mask, *sums)
         engine_log_probs = _padded(rollout.log_probs, mask.shape).to(self.device)
         return Experience(batch, mask, old_log_probs, values, advantages, returns, kl, entropy, features,
@@ -202,9 +201,7 @@ class PPOLearner:
         (log_probs,) = forward_in_micro_batches(lambda micro: response_log_probs(self.policy, micro, False)[:1],
                                                 part.batch, self.forward_rows)
         surrogates = sequence_surrogates(log_probs, part.old_log_probs, part.advantages, part.mask, settings.clip_range)
-        weights = self.groups.penalty_weights(part.critic_features, surrogates)
-        sums, sizes = reduced_group_sums(surrogates, self.groups.probabilities(part.critic_features))
-        return weights, settings.group_invariant.beta_policy * between_group_variance(group_means(sums, sizes), sizes).item()
+        return self.groups.penalty_weights(part.critic_features, surrogates)
 
     def _accumulated_step(self, name: str, engine, batch: SequenceBatch, mask: torch.Tensor,
                           loss_of: Callable[[SequenceBatch, slice], Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
@@ -292,14 +289,8 @@ def _token_share(mask: torch.Tensor) -> torch.Tensor:
     rank-averaged gradient the gradient of the token mean over the whole global mini-batch."""
     tokens = mask.sum()
     total = tokens.detach().clone()
-    _sum_over_ranks(total)
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
-    return tokens * world_size / total.clamp(min=1)
-
-
-def _sum_over_ranks(tensor: torch.Tensor) -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    sum_across_ranks(total)
+    return tokens * world_size() / total.clamp(min=1)
 
 
 def _mean_over_ranks(value: float) -> float:

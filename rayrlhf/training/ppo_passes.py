@@ -21,12 +21,12 @@ def build_engine(model: nn.Module, lr: float, micro_batch_size: int, zero_stage:
     from rayrlhf.training.safe_checkpoints import use_safetensors_checkpoints
 
     bf16 = next(model.parameters()).dtype == torch.bfloat16
-    named = list(model.named_parameters())
-    groups = [{"params": [p for n, p in named if not n.startswith("group_head.")]}]
-    if group_head_lr is not None and hasattr(model, "group_head"):
-        groups.append({"params": list(model.group_head.parameters()), "lr": group_head_lr})
-    else:
-        groups[0]["params"] = [p for _, p in named]
+    head = getattr(model, "group_head", None)
+    groups = [{"params": list(model.parameters())}]
+    if head is not None and group_head_lr is not None:
+        in_head = {id(p) for p in head.parameters()}
+        groups = [{"params": [p for p in model.parameters() if id(p) not in in_head]},
+                  {"params": list(head.parameters()), "lr": group_head_lr}]
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0, fused=True)  # one kernel per update
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                       config=deepspeed_config(micro_batch_size, zero_stage, bf16, max_grad_norm))
