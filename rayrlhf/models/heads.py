@@ -23,10 +23,14 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (positions * attention_mask).argmax(dim=1)
 
 
+def _at_last_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each row's hidden state at its last real token: (B, T, H) -> (B, H)."""
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+
+
 def reward_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """r(x, y) for each row: the head applied at the last real token. input_ids, attention_mask: (B, T) -> (B,)."""
-    hidden = _hidden_states(model, input_ids, attention_mask)  # (B, T, H)
-    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]  # (B, H)
+    last = _at_last_token(_hidden_states(model, input_ids, attention_mask), attention_mask)  # (B, H)
     return _score_head(model)(last).squeeze(-1).float()
 
 
@@ -38,8 +42,7 @@ def token_values(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask
 def token_values_and_last_hidden(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor):
     """token_values and the backbone's hidden state at each row's last real token, from one pass: ((B, T), (B, H))."""
     hidden = _hidden_states(model, input_ids, attention_mask)  # (B, T, H)
-    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]  # (B, H)
-    return _score_head(model)(hidden).squeeze(-1).float(), last
+    return _score_head(model)(hidden).squeeze(-1).float(), _at_last_token(hidden, attention_mask)
 
 
 def attach_group_head(model: PreTrainedModel, groups: int, seed: int) -> None:
