@@ -223,13 +223,49 @@ class DataConfig(Schema):
         return self
 
 
+class BilevelConfig(Schema):
+    """Bilevel reward learning across domains (Jia 2024; rayrlhf/algos/bilevel.py, docs/methods.md): each RM step
+    takes one domain, adapts the policy by one KL-regularised policy-gradient step on the domain's unlabelled
+    responses against the RM, and moves the RM so that the adapted policy agrees with the domain's labels."""
+
+    domains: Dict[str, DataSource] = {}
+    """Named preference sources, one domain each (e.g. HH helpful and harmless). Empty: data.preference split by
+    domain_by."""
+    domain_by: Literal["subreddit", "topic"] = "subreddit"
+    """How data.preference splits into domains when `domains` is empty: `subreddit`, the TL;DR posts' subreddit
+    (CNN/DM articles are one domain); `topic`, the synthetic task's prompts by their first topic word, in
+    `topic_groups` groups."""
+    topic_groups: int = Field(4, ge=2)
+    """Domains of the synthetic task with domain_by `topic`."""
+    min_prompts: int = Field(4, ge=2)
+    """A domain needs at least this many distinct training prompts (half for the inner problem's responses, half
+    for the labelled pairs); smaller ones are left out, with a warning that names them."""
+    beta: float = Field(0.1, gt=0)
+    """β, the KL factor of the inner problem and of the implicit reward β log π/π_ref that the outer loss reads."""
+    inner_lr: float = Field(1.0, gt=0)
+    """γ, the inner policy-gradient step size (one step, where the first-order hypergradient is exact)."""
+    support_prompts: int = Field(4, gt=0)
+    """Prompts per step whose responses (reward.samples_per_prompt each, labels unused) the inner step trains on."""
+    query_pairs: int = Field(8, gt=0)
+    """Labelled pairs per step (other prompts of the same domain) that the outer loss scores."""
+    vanilla_weight: float = Field(0.0, ge=0)
+    """Weight of the ordinary Bradley-Terry loss on the step's labelled pairs, added to the bilevel objective
+    (0: the bilevel objective alone, as the paper states it)."""
+    difference_step: float = Field(1e-2, gt=0)
+    """Distance the policy's parameters move along the outer gradient for the central difference that gives each
+    response's weight (rayrlhf/training/bilevel_policy.py; 1e-2 suits float32 models)."""
+
+
 class RewardTrainingConfig(Schema):
     """Reward-model training. alpha is the outer (optimizer) learning rate, eta the meta ascent rate."""
 
-    method: Literal["vanilla", "metarm"] = "metarm"
+    method: Literal["vanilla", "metarm", "bilevel"] = "metarm"
     """`metarm`: each RM step first ascends the difference loss J on a meta batch, then steps on the
-    Bradley-Terry loss at the ascended parameters (the paper, see order); `vanilla`: Bradley-Terry steps only.
+    Bradley-Terry loss at the ascended parameters (the paper, see order); `vanilla`: Bradley-Terry steps only;
+    `bilevel`: meta-training across domains (see `bilevel`; `python -m rayrlhf.train_rm` only, one rank, for now).
     The Ray loop's initial training before round 1 is always vanilla."""
+    bilevel: BilevelConfig = BilevelConfig()
+    """Settings of reward.method `bilevel`."""
     alpha: float = Field(5e-6, gt=0)
     """AdamW learning rate of the RM (the outer step, vanilla or MetaRM)."""
     eta: float = Field(5e-6, gt=0)

@@ -109,6 +109,14 @@ def start_ray(config: RunConfig):
     return ray
 
 
+def check_reward_method(config: RunConfig) -> None:
+    """reward.method bilevel is meta-training of a reward model alone; the Ray loop and Tune do not run it (yet)."""
+    if config.reward.method == "bilevel":
+        raise ConfigError("reward.method='bilevel' (meta-training across domains) runs in `python -m rayrlhf.train_rm` "
+                          "only, for now; meta-test its reward model with the loop: reward_model.source=<its "
+                          "reward_model folder>, reward.method='vanilla'")
+
+
 def launch(config: RunConfig, on_round: Optional[Callable[[Dict[str, float]], None]] = None,
         placement=None, first_bundle: int = 0) -> List[Dict[str, float]]:
     """Validate, start the actors, run the rounds; returns the per-round summaries. A Tune trial passes its
@@ -116,6 +124,7 @@ def launch(config: RunConfig, on_round: Optional[Callable[[Dict[str, float]], No
     holds run_dir's lock throughout (rayrlhf/run_dir.py): a second run into the same folder is refused."""
     from rayrlhf.pipeline import load_prompt_sets
 
+    check_reward_method(config)
     choose_engine(config.rollout.engine)  # an absent vLLM asked for by name is an error here
     run_dir = Path(config.run_dir)
     check_run_dir_writable(run_dir)

@@ -1,4 +1,4 @@
-"""Train a reward model alone, vanilla or MetaRM, on one process or several gloo/NCCL ranks.
+"""Train a reward model alone, vanilla or MetaRM (one process or several gloo/NCCL ranks), or bilevel (one process).
 
     python -m rayrlhf.train_rm conf/rm_tldr.yaml [key.sub=value ...]
 
@@ -11,6 +11,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -19,10 +20,13 @@ from tqdm import tqdm
 
 from rayrlhf.cli import run_command
 from rayrlhf.config import RunConfig, save_config
+from rayrlhf.data.domains import bilevel_domains, describe_domains
 from rayrlhf.data.reward_data import RewardData, group_batches, prepare_reward_data, task_tokenizer
 from rayrlhf.errors import ConfigError
 from rayrlhf.metrics import MetricsLogger
-from rayrlhf.models.build import load_tokenizer
+from rayrlhf.models.build import build_causal_lm, load_tokenizer
+from rayrlhf.training.bilevel_policy import BilevelPolicy
+from rayrlhf.training.bilevel_training import BilevelBatches, bilevel_train_steps
 from rayrlhf.training.distributed import init_distributed, exit_distributed_process
 from rayrlhf.training.reward_trainer import build_reward_trainer, evaluate_reward_data, train_steps
 
@@ -36,6 +40,8 @@ def seed_everything(seed: int) -> None:
 
 def train_reward_model(config: RunConfig, rank: int = 0, world_size: int = 1) -> Dict[str, float]:
     """The whole job; returns the final evaluation. Rank 0 writes the run directory."""
+    if config.reward.method == "bilevel" and world_size > 1:
+        raise ConfigError("reward.method='bilevel' runs on one rank for now; set resources.reward_learner_ranks=1")
     if world_size != config.resources.reward_learner_ranks:
         raise ConfigError(
             f"started with {world_size} ranks but resources.reward_learner_ranks={config.resources.reward_learner_ranks}; "
@@ -57,11 +63,10 @@ def train_reward_model(config: RunConfig, rank: int = 0, world_size: int = 1) ->
     before = evaluate_reward_data(trainer, data, config.reward.eval_batch_size, pad_id)
     metrics.log("eval", 0, before)
 
-    steps_per_epoch = len(data.train) // config.reward.batch_size
-    total = steps_per_epoch * config.reward.epochs
-    if config.reward.max_steps:
-        total = min(total, config.reward.max_steps)
-    meta_batches = group_batches(data.meta, config.reward.meta_batch_size, pad_id, rank, world_size, config.seed) if metarm else None
+    bilevel = bilevel_setup(config, tokenizer) if config.reward.method == "bilevel" else None
+    total = bilevel.steps if bilevel else vanilla_or_metarm_steps(config, len(data.train))
+    if bilevel and is_writer:
+        print(bilevel.description, flush=True)
     started = time.perf_counter()
     with tqdm(total=total, desc=f"reward model ({config.reward.method})", disable=not is_writer, file=sys.stderr) as bar:
         def on_step(step: int, values: Dict[str, float]) -> None:
@@ -69,9 +74,14 @@ def train_reward_model(config: RunConfig, rank: int = 0, world_size: int = 1) ->
             bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['accuracy']:.2f}")
             bar.update()
 
-        history = train_steps(trainer, data.train, pad_id, batch_size=config.reward.batch_size, epochs=config.reward.epochs,
-                              max_steps=total, rank=rank, world_size=world_size, seed=config.seed,
-                              meta_batches=meta_batches, on_step=on_step)
+        if bilevel:
+            history = bilevel_train_steps(trainer, bilevel.policy, bilevel.batches, total, config.reward.bilevel.vanilla_weight,
+                                          on_step)
+        else:
+            reward = config.reward
+            meta_batches = group_batches(data.meta, reward.meta_batch_size, pad_id, rank, world_size, config.seed) if metarm else None
+            history = train_steps(trainer, data.train, pad_id, batch_size=reward.batch_size, epochs=reward.epochs, max_steps=total,
+                                  rank=rank, world_size=world_size, seed=config.seed, meta_batches=meta_batches, on_step=on_step)
     step = len(history)
     after = evaluate_reward_data(trainer, data, config.reward.eval_batch_size, pad_id)
     after["train_seconds"] = time.perf_counter() - started
@@ -82,6 +92,33 @@ def train_reward_model(config: RunConfig, rank: int = 0, world_size: int = 1) ->
     if is_writer:
         print_summary(before, after, data)
     return after
+
+
+def vanilla_or_metarm_steps(config: RunConfig, train_pairs: int) -> int:
+    """Steps of a vanilla or MetaRM training: reward.epochs passes of reward.batch_size pairs, at most max_steps."""
+    total = train_pairs // config.reward.batch_size * config.reward.epochs
+    return min(total, config.reward.max_steps) if config.reward.max_steps else total
+
+
+@dataclass
+class BilevelSetup:
+    policy: BilevelPolicy
+    batches: BilevelBatches
+    steps: int
+    description: str
+
+
+def bilevel_setup(config: RunConfig, reward_tokenizer) -> BilevelSetup:
+    """The policy (config.policy, the reference of the inner problem), the domains and the step count of a bilevel
+    run: reward.max_steps, else reward.epochs passes over the domains' labelled pairs, bilevel.query_pairs a step."""
+    bilevel = config.reward.bilevel
+    domains = bilevel_domains(config.data, bilevel, config.reward.samples_per_prompt, config.seed)
+    policy_tokenizer = load_tokenizer(config.policy, task_tokenizer(config.data, config.seed))
+    policy = build_causal_lm(config.policy, policy_tokenizer, seed=config.seed).to(config.resources.device)
+    steps = config.reward.max_steps or max(1, sum(len(d.query) for d in domains) // bilevel.query_pairs * config.reward.epochs)
+    return BilevelSetup(BilevelPolicy(policy, bilevel.beta, bilevel.inner_lr, bilevel.difference_step),
+                        BilevelBatches(domains, bilevel, config.data, policy_tokenizer, reward_tokenizer, config.seed), steps,
+                        describe_domains(domains))
 
 
 def print_summary(before: Dict[str, float], after: Dict[str, float], data: RewardData) -> None:

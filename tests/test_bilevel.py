@@ -137,3 +137,124 @@ def test_a_step_along_the_hypergradient_lowers_the_outer_loss():
     gradient = unrolled_hypergradient(problem.theta, problem.phi, 3, **problem.arguments(step_size=0.5))
     stepped = {name: (value - 0.1 * gradient[name]).detach().requires_grad_() for name, value in problem.phi.items()}
     assert problem.outer_loss(stepped, 3, 0.5) < problem.outer_loss(problem.phi, 3, 0.5)
+
+
+def test_the_policy_side_on_a_tiny_llama_gives_the_exact_one_step_hypergradient():
+    """BilevelPolicy (central differences on a transformers policy) times the RM's reward gradient equals
+    unrolled_hypergradient (backpropagation through the inner step) on tiny random Llamas."""
+    from torch.func import functional_call
+
+    from rayrlhf.config import ModelSpec, SyntheticTask
+    from rayrlhf.data.rollouts import collate_sequences
+    from rayrlhf.data.synthetic import SyntheticPreferenceTask
+    from rayrlhf.models.build import build_causal_lm, build_reward_model
+    from rayrlhf.training.bilevel_policy import BilevelPolicy, sequence_log_probs
+
+    task = SyntheticPreferenceTask(SyntheticTask(relevance="any"), seed=0)
+    tokenizer = task.tokenizer()
+    policy = build_causal_lm(ModelSpec(), tokenizer, seed=0).double()
+    policy.set_attn_implementation("eager")  # the exact unroll differentiates a backward pass
+    reward_model = build_reward_model(ModelSpec(), tokenizer, seed=1).double()
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompts = [encode(text) for _, text in task.prompts()[:2]]
+    responses = [encode(text) for text in ("t1 w2 t3", "w4 w4", "t5", "t6 t7 w1", "w9 t2", "t3 t3 t3 w8")]
+    samples = collate_sequences([prompts[i // 3] for i in range(6)], responses, tokenizer.pad_token_id)
+    prompt_index = torch.tensor([0, 0, 0, 1, 1, 1])
+    chosen = collate_sequences(prompts, [encode("t1 t2 t4"), encode("t5 t6")], tokenizer.pad_token_id)
+    rejected = collate_sequences(prompts, [encode("w1 w2"), encode("w3 w3 w3")], tokenizer.pad_token_id)
+
+    def rewards(phi):
+        return functional_call(reward_model, phi, (samples.input_ids,), {"attention_mask": samples.attention_mask}).logits[:, 0]
+
+    phi = {name: value.detach().clone().requires_grad_() for name, value in reward_model.named_parameters()}
+    theta = {name: value.detach().clone().requires_grad_() for name, value in policy.named_parameters()}
+
+    def sample_log_probs(parameters):
+        return _log_probs(policy, parameters, samples)
+
+    def pair_log_probs(parameters):
+        return torch.stack([_log_probs(policy, parameters, chosen), _log_probs(policy, parameters, rejected)], dim=1)
+
+    with torch.no_grad():
+        reference_samples, reference_pairs = sample_log_probs(theta), pair_log_probs(theta)
+    exact = unrolled_hypergradient(theta, phi, 1, pair_log_probs=pair_log_probs, reference_pair_log_probs=reference_pairs,
+                                   sample_log_probs=sample_log_probs, reference_log_probs=reference_samples, rewards=rewards,
+                                   prompt_index=prompt_index, beta=BETA, step_size=2.0)
+
+    side = BilevelPolicy(policy, beta=BETA, inner_lr=2.0)
+    weights, losses = side.sample_weights(samples, prompt_index, rewards(phi).detach(), chosen, rejected)
+    weighted = torch.autograd.grad((weights * rewards(phi)).sum(), list(phi.values()))
+    # central differences through a model that normalises in float32 (transformers' RMSNorm): 3e-4 measured
+    error = (flat(dict(zip(phi, weighted))) - flat(exact)).norm() / flat(exact).norm()
+    assert error < 1e-3 and flat(exact).abs().max() > 1e-6, error
+    assert losses["outer_loss_before"] == pytest.approx(math.log(2))
+    # the policy is back at θ_0
+    assert all(torch.equal(p, r) for p, r in zip(side.parameters, side.reference))
+    assert torch.allclose(sequence_log_probs(policy, samples), reference_samples)
+
+
+def _log_probs(policy, parameters, batch):
+    """log π(response | prompt) per row with the policy called on `parameters` (torch.func), written out
+    independently of rayrlhf's response_log_probs."""
+    from torch.func import functional_call
+
+    logits = functional_call(policy, parameters, (batch.input_ids,), {"attention_mask": batch.attention_mask, "use_cache": False}).logits
+    at_responses = logits.gather(1, batch.response_positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+    token_log_probs = torch.log_softmax(at_responses, dim=-1).gather(-1, batch.response_tokens.unsqueeze(-1)).squeeze(-1)
+    return (token_log_probs * batch.response_mask).sum(dim=1)
+
+
+def test_a_pairs_domain_is_its_subreddit_or_its_topic_group():
+    from rayrlhf.data.domains import pair_domain
+
+    post = "SUBREDDIT: r/relationships\nTITLE: a title\nPOST: text\nTL;DR:"
+    assert pair_domain(post, "subreddit", 4) == "relationships"
+    assert pair_domain("ARTICLE: some news\nTL;DR:", "subreddit", 4) == "cnndm"
+    assert pair_domain("Q: t13 t2 t7 A:", "topic", 4) == "topics1"
+
+
+def test_a_domain_is_halved_into_support_and_query_prompts_and_a_small_one_is_left_out(caplog):
+    from rayrlhf.data.domains import halve
+
+    rows = [{"prompt_id": f"p{i}", "prompt": f"prompt {i}", "chosen": f"a{i}{j}", "rejected": f"b{i}{j}"}
+            for i in range(6) for j in range(2)]
+    domain = halve("d", rows, min_prompts=4, samples_per_prompt=3, seed=0)
+    support = {group["prompt"] for group in domain.support}
+    query = {pair["prompt"] for pair in domain.query}
+    assert len(support) == 3 and len(query) == 3 and not support & query
+    assert all(len(group["responses"]) == 3 for group in domain.support) and len(domain.query) == 6
+    assert halve("small", rows[:6], min_prompts=4, samples_per_prompt=3, seed=0) is None
+    assert "domain 'small' left out: 3 prompt(s)" in caplog.text
+
+
+def test_the_rm_step_follows_the_weighted_reward_gradient_over_micro_batches(distributed, monkeypatch):
+    """weighted_reward_step accumulates ∇_φ Σ_i w_i r_φ(s_i) over micro-batches of one prompt: the same gradient
+    as one backward pass over the whole batch, computed here directly."""
+    from rayrlhf.config import ModelSpec, SyntheticTask
+    from rayrlhf.data.batches import collate_groups, collate_pairs
+    from rayrlhf.data.synthetic import SyntheticPreferenceTask
+    from rayrlhf.models.build import build_reward_model
+    from rayrlhf.models.heads import reward_scores
+    from rayrlhf.training.reward_trainer import RewardModelTrainer
+
+    torch.set_default_dtype(torch.float32)  # DeepSpeed's engine and the fused AdamW want float32 here
+    try:
+        tokenizer = SyntheticPreferenceTask(SyntheticTask(), seed=0).tokenizer()
+        ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        groups = [[ids("Q: t1 A: t1 w2"), ids("Q: t1 A: w3")], [ids("Q: t4 A: t4 t5 t6"), ids("Q: t4 A: w1 w1")]]
+        samples = collate_groups(groups, tokenizer.pad_token_id)
+        pairs = collate_pairs([ids("Q: t1 A: t1")], [ids("Q: t1 A: w1")], tokenizer.pad_token_id)
+        weights = torch.tensor([0.5, -0.5, -1.0, 1.0])
+        reference = build_reward_model(ModelSpec(), tokenizer, seed=3)
+        expected = torch.autograd.grad((weights * reward_scores(reference, samples.input_ids, samples.attention_mask)).sum(),
+                                       list(reference.parameters()))
+        trainer = RewardModelTrainer(build_reward_model(ModelSpec(), tokenizer, seed=3), alpha=1e-3, eta=1e-3, inner_steps=1,
+                                     order="first", micro_batch_size=None, meta_micro_batch_size=1, zero_stage=0)
+        monkeypatch.setattr(trainer.engine, "step", lambda: None)  # keep the accumulated gradient to read it
+        values = trainer.weighted_reward_step(samples, weights, pairs, pairs_weight=0.0)
+        gradients = [p.grad for p in trainer.engine.module.model.parameters()]
+        assert all(torch.allclose(g, e, atol=1e-6) for g, e in zip(gradients, expected))
+        scores = reward_scores(reference, samples.input_ids, samples.attention_mask)
+        assert values["weighted_reward"] == pytest.approx((weights * scores).sum().item(), abs=1e-5)
+    finally:
+        torch.set_default_dtype(torch.float64)

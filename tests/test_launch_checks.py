@@ -87,3 +87,13 @@ def test_unbounded_sizes_are_refused_before_any_actor():
         check_memory(estimate_actors(config, shapes, "hf"), available_gb=24.0)
     with pytest.raises(ConfigError, match=r"^sft.batch_size=100000 but the training split of data.preference .* has 644 "):
         load_prompt_sets(load_config("conf/tiny.yaml", ["sft.batch_size=100000"]))
+
+
+def test_bilevel_reward_learning_is_refused_by_the_loop_and_named(tmp_path):
+    from rayrlhf.launch import check_reward_method, launch
+
+    config = load_config("conf/tiny.yaml", ["reward.method=bilevel", f"run_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=r"^reward.method='bilevel' .* runs in `python -m rayrlhf.train_rm` only"):
+        launch(config)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    check_reward_method(load_config("conf/tiny.yaml", []))  # metarm passes

@@ -55,3 +55,19 @@ def test_tldr_comparisons_report_held_out_accuracy_on_a_post_split(tmp_path):
     assert evals[-1]["eval_pairs"] == held_out and evals[-1]["target_pairs"] == 437
     assert len(steps) == 6 and all(0 <= s["difference_loss"] <= 1 for s in steps)
     assert f"held-out accuracy: {evals[-1]['eval_accuracy']:.4f}" in result.stdout
+
+
+def test_bilevel_meta_training_over_topic_domains_writes_a_reward_model(tmp_path):
+    """reward.method bilevel on the synthetic task split into 4 topic domains, with the tiny random policy as the
+    inner problem's reference: every step logs the outer loss before and after the policy's inner step, the
+    RM's accuracy on the step's labelled pairs and the weights' norm, and the RM is saved."""
+    run_dir = tmp_path / "bilevel"
+    result = train_rm("conf/rm_tiny.yaml", f"run_dir={run_dir}", "reward.method=bilevel", "reward.bilevel.domain_by=topic",
+                      "reward.samples_per_prompt=4", "reward.max_steps=12", "data.synthetic.relevance=any")
+    evals, steps = final_eval(run_dir)
+    assert len(steps) == evals[-1]["steps"] == 12
+    for step in steps:
+        assert step["outer_loss_before"] == pytest.approx(0.6931, abs=1e-4)  # the reference policy: margins 0
+        assert 0 < step["outer_loss_after"] and step["weight_norm"] > 0 and 0 <= step["accuracy"] <= 1
+    assert "bilevel domains: topics0" in result.stdout
+    AutoModelForSequenceClassification.from_pretrained(run_dir / "reward_model")

@@ -56,6 +56,12 @@ def test_a_bad_sweep_is_refused_naming_the_culprit(tmp_path, changes, message):
     assert message in str(error.value)
 
 
+def test_a_sweep_of_bilevel_reward_learning_is_refused(tmp_path):
+    shared_file("tokenizers", "gpt2")  # conf/sweep_metarm.yaml's tokenizer; its data ships in data/
+    with pytest.raises(ConfigError, match=r"reward.method='bilevel' .* runs in `python -m rayrlhf.train_rm` only"):
+        load_sweep(str(sweep_file(tmp_path)), ["config.reward.method=bilevel"])
+
+
 def test_a_bad_sweep_exits_2_before_ray_starts(tmp_path):
     shared_file("tokenizers", "gpt2")  # conf/sweep_metarm.yaml's tokenizer; its data ships in data/
     storage = tmp_path / "sweeps"

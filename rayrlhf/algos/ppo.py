@@ -80,14 +80,19 @@ def explained_variance(predictions: torch.Tensor, targets: torch.Tensor, mask: t
     return 1.0 - residual_variance / target_variance.clamp(min=1e-8)
 
 
+def at_least_float32(values: torch.Tensor) -> torch.Tensor:
+    """bfloat16/float16 values in float32 (a softmax over a vocabulary needs its digits); float64 stays float64."""
+    return values.to(torch.promote_types(values.dtype, torch.float32))
+
+
 def gather_log_probs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token] at each position. logits (B, T, V), tokens (B, T) -> (B, T)."""
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    """log softmax(logits)[token] at each position, in float32 or wider. logits (B, T, V), tokens (B, T) -> (B, T)."""
+    return torch.log_softmax(at_least_float32(logits), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """H(softmax(logits)) = logsumexp(z) - Σ p z at each position. (B, T, V) -> (B, T)."""
-    logits = logits.float()
+    logits = at_least_float32(logits)
     probabilities = torch.softmax(logits, dim=-1)
     return torch.logsumexp(logits, dim=-1) - (probabilities * logits).sum(dim=-1)
 

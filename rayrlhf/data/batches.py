@@ -17,10 +17,11 @@ def end_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return token
 
 
-def encode_prompt_response(
+def encode_prompt_and_response(
     tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, max_prompt_tokens: int, max_response_tokens: int
-) -> TokenIds:
-    """prompt ids + response ids + end token.
+) -> Tuple[TokenIds, TokenIds]:
+    """(prompt ids, response ids + end token), apart (a policy's log-probabilities need to know where the response
+    starts).
 
     The prompt keeps its LAST max_prompt_tokens tokens (the instruction, e.g. "TL;DR:", sits at its end);
     the response keeps its first max_response_tokens - 1 tokens and always ends with the end token, so a
@@ -28,7 +29,15 @@ def encode_prompt_response(
     """
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][-max_prompt_tokens:]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"][: max_response_tokens - 1]
-    return prompt_ids + response_ids + [end_token_id(tokenizer)]
+    return prompt_ids, response_ids + [end_token_id(tokenizer)]
+
+
+def encode_prompt_response(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, max_prompt_tokens: int, max_response_tokens: int
+) -> TokenIds:
+    """prompt ids + response ids + end token, as one sequence (encode_prompt_and_response)."""
+    prompt_ids, response_ids = encode_prompt_and_response(tokenizer, prompt, response, max_prompt_tokens, max_response_tokens)
+    return prompt_ids + response_ids
 
 
 def encode_pair_rows(

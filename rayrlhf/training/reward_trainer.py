@@ -288,6 +288,48 @@ class RewardModelTrainer:
         return {"loss": loss, "accuracy": accuracy, "difference_loss": difference_before,
                 "ascent_kept": self._ascent_kept(sizes)}
 
+    def weighted_reward_step(self, samples: ResponseGroupBatch, weights: torch.Tensor, pairs: PreferenceBatch,
+                             pairs_weight: float) -> Dict[str, float]:
+        """φ ← φ − α ∇_φ [Σ_i w_i r_φ(s_i) + pairs_weight · L(pairs)]: bilevel reward learning's outer step, the
+        first-order hypergradient as a weighted reward gradient over the samples (rayrlhf/algos/bilevel.py), with
+        the Bradley-Terry loss L of the step's labelled pairs added when pairs_weight > 0. weights: (n,), one per
+        sample row, prompt-major like `samples`. Returns the weighted reward, and L and the accuracy on the pairs
+        (measured without gradient when pairs_weight is 0)."""
+        self.engine.train()
+        sample_parts = group_micro_batches(samples, self.meta_micro_batch_size)
+        offsets = [0]
+        for part in sample_parts:
+            offsets.append(offsets[-1] + part.num_prompts * part.group_size)
+        values = {"weighted_reward": 0.0}
+
+        def weighted_reward(index: int) -> torch.Tensor:
+            part = sample_parts[index]
+            total = (weights[offsets[index]: offsets[index + 1]].to(self.device) * self.rewards(part.input_ids, part.attention_mask)).sum()
+            values["weighted_reward"] += total.item()
+            return total
+
+        losses = [lambda i=i: weighted_reward(i) for i in range(len(sample_parts))]
+        if pairs_weight > 0:
+            pair_parts = pair_micro_batches(pairs, self.micro_batch_size)
+            values.update(loss=0.0, accuracy=0.0)
+
+            def weighted_loss(part: PreferenceBatch) -> torch.Tensor:
+                share = part.num_pairs / pairs.num_pairs
+                loss, accuracy = self._preference_loss(part)
+                values["loss"] += loss.item() * share
+                values["accuracy"] += accuracy.item() * share
+                return pairs_weight * share * loss
+
+            losses += [lambda part=part: weighted_loss(part) for part in pair_parts]
+        else:
+            measured = self.evaluate_pairs([pairs])
+            values.update(loss=measured["loss"], accuracy=measured["accuracy"])
+            self.engine.train()
+        accumulate_gradients(self.engine, len(losses), lambda index: losses[index]())
+        require_finite_losses(values, "bilevel reward-model step")
+        self.engine.step()
+        return values
+
     # ---- evaluation and saving ----------------------------------------------------------------
     @torch.no_grad()
     def evaluate_pairs(self, batches: Iterable[PreferenceBatch], on_batch: Optional[Callable[[], None]] = None

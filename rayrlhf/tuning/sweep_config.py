@@ -21,6 +21,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from rayrlhf.config import (RunConfig, Schema, _fields_at, apply_overrides, describe_validation_error, load_config,
                             read_yaml_mapping)
 from rayrlhf.errors import ConfigError
+from rayrlhf.launch import check_reward_method
 
 DISTRIBUTIONS = {"loguniform": 2, "uniform": 2, "randint": 2, "choice": None, "grid": None}
 """Distribution name -> number of arguments (None: a non-empty list of values)."""
@@ -134,6 +135,7 @@ def load_sweep(path: str, overrides: Sequence[str] = ()) -> Tuple[SweepConfig, R
                 trial_config(base, {key: value}, base.run_dir)
             except ConfigError as error:
                 raise ConfigError(f"search space {key}={value!r} makes an invalid run config: {error}") from None
+    check_reward_method(base)
     check_metric(sweep, base)
     return sweep, base
 
