@@ -1,8 +1,10 @@
 """The main job through `ray job submit` against a real Ray head that this module starts (loopback dashboard,
 Ray's default token auth) and stops (only its own processes, through the Cluster object that started them):
 the run's outputs land in the configured run_dir, a failing job's exit status and error reach the submitter,
-and a job stopped mid-run leaves a run dir that a second job resumes to the end.
+a job stopped mid-run leaves a run dir that a second job resumes to the end, and a submitted sweep reports every
+round of its trials.
 """
+import csv
 import json
 import os
 import subprocess
@@ -113,10 +115,12 @@ def test_a_stopped_job_leaves_a_run_dir_that_a_second_job_resumes(job_env, tmp_p
     assert not any(name.endswith(".tmp") for name in os.listdir(run_dir / "checkpoints"))  # only complete checkpoints
 
 
-def test_a_submitted_sweep_runs_its_trials_on_the_cluster(job_env, tmp_path):
+def test_a_submitted_loop_sweep_with_optuna_reports_every_round_of_whole_runs(job_env, tmp_path):
+    """conf/sweep_loop.yaml (Optuna's TPE over whole runs of the embedded default, judged by win rate every round)
+    as a job on the cluster: each trial reports each round as its run writes it, and keeps its final models."""
     sweep = yaml.safe_load((ROOT / "conf" / "sweep_loop.yaml").read_text())
     sweep.update(base=str(ROOT / "conf" / "tiny.yaml"), num_samples=2, scheduler={"name": "fifo"},
-                 storage_path=str(tmp_path / "sweeps"), config=sweep["config"] + ["rounds=1"] + QUICK)
+                 storage_path=str(tmp_path / "sweeps"), config=sweep["config"] + ["rounds=2"] + QUICK)
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(sweep))
     result = ray_job(job_env, "submit", "--runtime-env-json", RUNTIME_ENV, "--",
@@ -125,4 +129,19 @@ def test_a_submitted_sweep_runs_its_trials_on_the_cluster(job_env, tmp_path):
     assert result.returncode == 0 and "succeeded" in output, output[-3000:]
     folder = tmp_path / "sweeps" / "metarm_loop"
     assert "best trial" in output and (folder / "best_config.yaml").exists()
-    assert len((folder / "trials.csv").read_text().splitlines()) == 3  # a header and the two trials
+    assert list(folder.glob("searcher-state-*.pkl"))  # Optuna's TPE chose the points
+    with open(folder / "trials.csv") as handle:
+        trials = list(csv.DictReader(handle))
+    assert len(trials) == 2 and all(t["status"] == "finished" and t["round"] == "2" for t in trials)
+    for trial_dir in (p for p in folder.iterdir() if p.is_dir()):
+        reported = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
+        with open(trial_dir / "run" / "rounds.csv") as handle:
+            written = list(csv.DictReader(handle))
+        # Tune saw each round as the run wrote it, and the finished run kept its final models.
+        assert [r["round"] for r in reported] == [1, 2]
+        assert [r["gold_reward"] for r in reported] == pytest.approx([float(w["gold_reward"]) for w in written])
+        assert [r["win_rate"] for r in reported] == pytest.approx([float(w["win_rate"]) for w in written])  # the metric
+        assert (trial_dir / "run" / "policy").is_dir() and (trial_dir / "run" / "reward_model").is_dir()
+        params = json.loads((trial_dir / "params.json").read_text())
+        config = yaml.safe_load((trial_dir / "run" / "config.yaml").read_text())
+        assert config["reward"]["eta"] == params["reward.eta"] and config["reward"]["inner_steps"] == params["reward.inner_steps"]

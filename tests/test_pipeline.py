@@ -383,37 +383,22 @@ def test_a_finished_run_dir_is_not_overwritten(default_run):
     assert "already holds a run" in result.stderr and "resume=true" in result.stderr
 
 
-def test_tldr_config_with_a_tiny_policy_writes_a_complete_run_dir(tmp_path):
-    data_file("tldr", "comparisons_batch13.jsonl")
-    shared_file("tokenizers", "gpt2")
-    run_dir = tmp_path / "tldr"
-    result = run_main(
-        "conf/tldr.yaml", f"run_dir={run_dir}", "rounds=1",
-        "policy.source=tiny", f"policy.tokenizer={GPT2_TOKENIZER}", "reward_model.source=tiny", f"reward_model.tokenizer={GPT2_TOKENIZER}",
-        "data.max_prompt_tokens=48", "data.max_response_tokens=16", "rollout.max_new_tokens=8",
-        "reward.initial_max_steps=2", "reward.max_steps=2", "reward.meta_prompts_per_round=4", "reward.samples_per_prompt=2",
-        "ppo.steps_per_round=2", "ppo.rollout_batch_size=4", "rollout.logprob_mismatch_warning=0",
-    )
-    # At threshold 0 any difference warns, once per PPO step, naming the setting.
-    assert result.stderr.count("rollout.logprob_mismatch_warning=0") == 2
-    summary, = records(run_dir, "round")
-    assert summary["target_pairs"] == 437 and 0 <= summary["target_accuracy"] <= 1
-    assert summary["rm_steps"] == 2 and summary["reward_difference_pairs"] == 4
-    policy = AutoModelForCausalLM.from_pretrained(run_dir / "policy")
-    assert policy.config.vocab_size == 50257
-
-
 def test_the_cpu_tldr_config_runs_every_phase_with_real_smollm2_on_real_data(tmp_path):
     """The real-model path: SmolLM2-135M-Instruct from its PyPI package as policy, RM and critic, the shipped
     TL;DR and CNN/DM comparisons, the default engine (vLLM where installed), micro-batches; conf/tldr_cpu.yaml
-    shrunk to a step or two of every phase."""
+    shrunk to a step or two of every phase. (The same config with tiny models and the GPT-2 tokenizer runs in
+    tests/test_tune.py, from a sweep's best config.)"""
     run_dir = tmp_path / "tldr_cpu"
-    run_main(
+    result = run_main(
         "conf/tldr_cpu.yaml", f"run_dir={run_dir}", "data.max_prompt_tokens=64", "data.max_response_tokens=12",
         "rollout.max_new_tokens=12", "data.eval_fraction=0.01", "data.target_eval.max_records=4",
         "reward.batch_size=4", "reward.initial_max_steps=2", "reward.max_steps=1", "reward.meta_prompts_per_round=2",
         "reward.samples_per_prompt=2", "ppo.rollout_batch_size=2", "ppo.steps_per_round=1", "ppo.micro_batch_size=1",
+        "rollout.logprob_mismatch_warning=0",
     )
+    # At threshold 0 any difference between the engine's and the trainer's log-probs warns, once per PPO step,
+    # naming the setting.
+    assert result.stderr.count("rollout.logprob_mismatch_warning=0") == 1
     start, = records(run_dir, "start")
     summary, = records(run_dir, "round")
     assert start["initial_rm_steps"] == 2 and summary["rm_steps"] == 1 and len(records(run_dir, "ppo")) == 1
