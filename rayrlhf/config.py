@@ -242,8 +242,10 @@ class BilevelConfig(Schema):
     for the labelled pairs); smaller ones are left out, with a warning that names them."""
     beta: float = Field(0.1, gt=0)
     """β, the KL factor of the inner problem and of the implicit reward β log π/π_ref that the outer loss reads."""
-    inner_lr: float = Field(1.0, gt=0)
-    """γ, the inner policy-gradient step size (one step, where the first-order hypergradient is exact)."""
+    inner_lr: float = Field(1e-4, gt=0)
+    """γ, the inner policy-gradient step size (one plain gradient step, where the first-order hypergradient is
+    exact), like an SGD learning rate on the policy's parameters: measured with SmolLM2-135M on TL;DR, 1e-4 kept the
+    step in the linear regime (the domain's outer loss 0.693 -> 0.693-0.694), 1.0 threw the policy far (-> 3.6-27)."""
     support_prompts: int = Field(4, gt=0)
     """Prompts per step whose responses (reward.samples_per_prompt each, labels unused) the inner step trains on."""
     query_pairs: int = Field(8, gt=0)
