@@ -51,6 +51,8 @@ def train_reward_model(config: RunConfig, rank: int = 0, world_size: int = 1) ->
     tokenizer = load_tokenizer(config.reward_model, task_tokenizer(config.data, config.seed))
     metarm = config.reward.method == "metarm"
     data = prepare_reward_data(config.data, tokenizer, config.reward.samples_per_prompt, metarm, config.seed)
+    # the domains and the policy before any engine: bad data or a missing policy stop the run here
+    bilevel = bilevel_setup(config, tokenizer) if config.reward.method == "bilevel" else None
     init_distributed(config.resources.device, rank, world_size)
     trainer = build_reward_trainer(config, tokenizer, world_size)
     run_dir = Path(config.run_dir)
@@ -63,7 +65,6 @@ def train_reward_model(config: RunConfig, rank: int = 0, world_size: int = 1) ->
     before = evaluate_reward_data(trainer, data, config.reward.eval_batch_size, pad_id)
     metrics.log("eval", 0, before)
 
-    bilevel = bilevel_setup(config, tokenizer) if config.reward.method == "bilevel" else None
     total = bilevel.steps if bilevel else vanilla_or_metarm_steps(config, len(data.train))
     if bilevel and is_writer:
         print(bilevel.description, flush=True)

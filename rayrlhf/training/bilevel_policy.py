@@ -36,6 +36,7 @@ class BilevelPolicy:
 
     def __init__(self, policy: nn.Module, beta: float, inner_lr: float, difference_step: float = 1e-2):
         self.policy, self.beta, self.inner_lr, self.difference_step = policy, beta, inner_lr, difference_step
+        policy.eval()  # no dropout: the central difference compares two passes of the same function
         self.parameters = [p for p in policy.parameters() if p.requires_grad]
         self.reference = [p.detach().clone() for p in self.parameters]
 
