@@ -520,6 +520,10 @@ class EvaluationConfig(Schema):
     preference_sets: Dict[str, DataSource] = {}
     """More named preference sets to report the reward models' accuracy on (e.g. an out-of-distribution domain),
     besides the held-out pairs and data.target_eval."""
+    prompt_set: str = "held_out"
+    """Whose prompts the policies answer when `python -m rayrlhf.eval` judges them: `held_out` (the preference data's
+    evaluation split), `target` (data.target_eval's prompts: judging out of distribution) or a name in
+    preference_sets. The round loop's judged metrics always use the held-out prompts."""
     checkpoint_rounds: bool = False
     """Also judge the policy of every round checkpoint still in the run dir (see keep_checkpoints), not only the
     final policy."""

@@ -41,11 +41,16 @@ def load_run(run_dir: str, overrides: List[str]) -> RunConfig:
     return load_config(str(folder / "config.yaml"), [*overrides, f"run_dir={run_dir}"])
 
 
-def held_out_prompts(config: RunConfig, sets: Dict[str, Any]) -> List[str]:
-    """The first evaluation.prompts distinct prompts of the held-out split (never trained on by RM or PPO)."""
-    prompts = list(dict.fromkeys(sets["held_out"]["prompt"]))[: config.evaluation.prompts]
+def judged_prompts(config: RunConfig, sets: Dict[str, Any]) -> List[str]:
+    """The first evaluation.prompts distinct prompts of the set evaluation.prompt_set names: the held-out split by
+    default (never trained on by RM or PPO), or e.g. the target domain's."""
+    name = config.evaluation.prompt_set
+    if name not in sets:
+        raise ConfigError(f"evaluation.prompt_set={name!r} is not a preference set of this run; it has: {', '.join(sets)}")
+    prompts = list(dict.fromkeys(sets[name]["prompt"]))[: config.evaluation.prompts]
     if len(prompts) < 2:
-        raise ConfigError(f"the held-out split has {len(prompts)} prompt(s); raise data.eval_fraction")
+        raise ConfigError(f"the {name} set has {len(prompts)} prompt(s)"
+                          + ("; raise data.eval_fraction" if name == "held_out" else ""))
     return prompts
 
 
@@ -89,14 +94,15 @@ def evaluate_run(config: RunConfig) -> Dict[str, Any]:
     run_dir = Path(config.run_dir)
     torch.manual_seed(config.seed)
     sets = preference_sets(config)
-    prompts = held_out_prompts(config, sets)
+    prompts = judged_prompts(config, sets)
     judge = build_judge(config)
     policies, samples = evaluate_policies(config, run_dir, prompts, judge)
     final_model, final_tokenizer = load_reward_model(config, run_dir, "final")
     differences = round_reward_differences(run_dir, config, final_model, final_tokenizer)
     results = {
         "run_dir": str(run_dir), "judge": judge.name if judge else None,
-        "settings": {"prompts": len(prompts), "samples_per_prompt": config.evaluation.samples_per_prompt,
+        "settings": {"prompts": len(prompts), "prompt_set": config.evaluation.prompt_set,
+                     "samples_per_prompt": config.evaluation.samples_per_prompt,
                      "temperature": config.rollout.temperature, "top_p": config.rollout.top_p,
                      "seed": evaluation_seed(config.seed), "tie_margin": config.evaluation.tie_margin},
         "policies": policies,

@@ -122,3 +122,16 @@ def test_eval_of_a_missing_or_unfinished_run_is_one_error_and_status_2(tmp_path,
     (tmp_path / "config.yaml").write_text("rounds: 1\n")
     assert main([str(tmp_path)]) == 2
     assert "the run has not finished" in capsys.readouterr().err
+
+
+def test_the_judged_prompts_come_from_the_named_set_and_an_unknown_name_is_refused():
+    from rayrlhf.config import load_config
+    from rayrlhf.errors import ConfigError
+    from rayrlhf.eval import judged_prompts
+
+    sets = {"held_out": {"prompt": ["a", "b", "a", "c"]}, "target": {"prompt": ["x", "y", "y", "z"]}}
+    assert judged_prompts(load_config("conf/tiny.yaml", ["evaluation.prompts=2"]), sets) == ["a", "b"]
+    assert judged_prompts(load_config("conf/tiny.yaml", ["evaluation.prompt_set=target"]), sets) == ["x", "y", "z"]
+    with pytest.raises(ConfigError, match=r"evaluation.prompt_set='cnndm' is not a preference set of this run; it has: "
+                                          r"held_out, target"):
+        judged_prompts(load_config("conf/tiny.yaml", ["evaluation.prompt_set=cnndm"]), sets)

@@ -28,7 +28,8 @@ def write_report(folder: Path, results: Dict[str, Any]) -> None:
     (folder / "evaluation.json").write_text(json.dumps(results, indent=2, sort_keys=True), encoding="utf-8")
     settings = results["settings"]
     lines = [f"# Evaluation of {results['run_dir']}", "",
-             f"{settings['prompts']} held-out prompts × {settings['samples_per_prompt']} response(s) per policy, sampled at "
+             f"{settings['prompts']} {settings['prompt_set'].replace('_', '-')} prompts × {settings['samples_per_prompt']} "
+             "response(s) per policy, sampled at "
              f"temperature {settings['temperature']}, top-p {settings['top_p']}, seed {settings['seed']}. Judge: "
              f"{results['judge'] or 'none (set evaluation.judge_model)'}; tie within {settings['tie_margin']}.", "",
              "## Policies against the initial policy", ""]
