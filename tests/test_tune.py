@@ -17,6 +17,9 @@ from rayrlhf.errors import ConfigError
 from rayrlhf.tuning.sweep_config import load_sweep
 
 SWEEP = ROOT / "conf" / "sweep_metarm.yaml"
+# Each epoch of an RM trial evaluates on the CNN/DM target pairs and meta groups: 40 of each, not the sweep file's 200,
+# where a test checks the sweep's machinery rather than what it finds
+SMALL_EVALUATION = ("config.data.target_eval.max_records=40", "config.data.meta.max_records=40")
 
 
 def sweep_file(tmp_path, source: Path = SWEEP, **changes) -> Path:
@@ -84,7 +87,8 @@ def test_a_tldr_sweep_stops_poor_trials_early_and_writes_a_best_config_that_runs
              "reward.alpha": {"grid": [1e-3, 1e-9]}}
     path = sweep_file(tmp_path, space=space, metric="train_loss", mode="min", num_samples=1, max_concurrent=1)
     storage = tmp_path / "sweeps"
-    result = run_tune(path, f"storage_path={storage}", "config.reward.epochs=2", "config.reward.max_steps=4")  # 4 steps an epoch
+    result = run_tune(path, f"storage_path={storage}", "config.reward.epochs=2", "config.reward.max_steps=4",  # 4 steps an epoch
+                      *SMALL_EVALUATION)
     folder = storage / "metarm_tldr"
     trials = read_trials(folder)
     assert len(trials) == 4 and sorted(int(t["reward.inner_steps"]) for t in trials) == [1, 1, 2, 2]
@@ -95,7 +99,7 @@ def test_a_tldr_sweep_stops_poor_trials_early_and_writes_a_best_config_that_runs
     # Each trial reported the TL;DR held-out and CNN/DM target accuracies and the meta data's reward differences.
     for trial_dir in (p for p in folder.iterdir() if p.is_dir()):
         last = json.loads((trial_dir / "result.json").read_text().splitlines()[-1])
-        assert 0 <= last["eval_accuracy"] <= 1 and last["target_pairs"] == 200 and last["reward_difference_variance"] >= 0
+        assert 0 <= last["eval_accuracy"] <= 1 and last["target_pairs"] == 40 and last["reward_difference_variance"] >= 0
     best = min(trials, key=lambda t: float(t["train_loss"]))
     assert f"best trial {best['trial']}" in result.stdout and (folder / "trials.png").stat().st_size > 0
     best_config = yaml.safe_load((folder / "best_config.yaml").read_text())
@@ -129,7 +133,7 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path):
                       search={"algorithm": "grid"}, scheduler={"name": "fifo"}, max_concurrent=1)
     storage = tmp_path / "sweeps"
     folder = storage / "metarm_tldr"
-    quick = ("config.reward.epochs=2", "config.reward.max_steps=8")  # 8 of an epoch's 21 steps: the machinery only
+    quick = ("config.reward.epochs=2", "config.reward.max_steps=8", *SMALL_EVALUATION)  # 8 of an epoch's 21 steps: the machinery only
     process = subprocess.Popen(tune_command(path, f"storage_path={storage}", *quick), cwd=ROOT,
                                env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600
@@ -155,7 +159,7 @@ def test_concurrent_trials_each_run_their_own_group_of_ranks(tmp_path):
     path = sweep_file(tmp_path, space={"reward.eta": {"grid": [1e-3, 1e-2]}}, search={"algorithm": "grid"},
                       scheduler={"name": "fifo"}, max_concurrent=2)
     storage = tmp_path / "sweeps"
-    run_tune(path, f"storage_path={storage}", "config.reward.epochs=1", "config.reward.max_steps=8",
+    run_tune(path, f"storage_path={storage}", "config.reward.epochs=1", "config.reward.max_steps=8", *SMALL_EVALUATION,
              "config.resources.reward_learner_ranks=2", "config.resources.cpus_per_actor=0.4")
     folder = storage / "metarm_tldr"
     assert [t["status"] for t in read_trials(folder)] == ["finished", "finished"]
