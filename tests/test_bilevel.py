@@ -256,5 +256,16 @@ def test_the_rm_step_follows_the_weighted_reward_gradient_over_micro_batches(dis
         assert all(torch.allclose(g, e, atol=1e-6) for g, e in zip(gradients, expected))
         scores = reward_scores(reference, samples.input_ids, samples.attention_mask)
         assert values["weighted_reward"] == pytest.approx((weights * scores).sum().item(), abs=1e-5)
+
+        # with vanilla_weight 0.5 the Bradley-Terry loss of the step's pairs joins the objective
+        pair_scores = reward_scores(reference, pairs.input_ids, pairs.attention_mask)
+        joint = (weights * reward_scores(reference, samples.input_ids, samples.attention_mask)).sum() \
+            - 0.5 * torch.nn.functional.logsigmoid(pair_scores[0] - pair_scores[1])
+        expected = torch.autograd.grad(joint, list(reference.parameters()))
+        trainer.engine.zero_grad()
+        values = trainer.weighted_reward_step(samples, weights, pairs, pairs_weight=0.5)
+        gradients = [p.grad for p in trainer.engine.module.model.parameters()]
+        assert all(torch.allclose(g, e, atol=1e-6) for g, e in zip(gradients, expected))
+        assert values["loss"] == pytest.approx(-torch.nn.functional.logsigmoid(pair_scores[0] - pair_scores[1]).item(), abs=1e-5)
     finally:
         torch.set_default_dtype(torch.float64)
