@@ -618,6 +618,11 @@ class RunConfig(Schema):
             raise ValueError("reward.order='second' cannot run with reward.gradient_checkpointing=true (its Hessian-vector "
                              "products through recomputed activations are wrong); use reward.order='first' or turn "
                              "checkpointing off and lower reward.micro_batch_size instead")
+        bilevel = reward.bilevel
+        needs = {"subreddit": "tldr", "topic": "synthetic"}[bilevel.domain_by]
+        if reward.method == "bilevel" and not bilevel.domains and data.preference.format != needs:
+            raise ValueError(f"reward.bilevel.domain_by={bilevel.domain_by!r} splits {needs} data, but data.preference has "
+                             f"format {data.preference.format!r}: name the domains in reward.bilevel.domains instead")
         if self.reward.method == "metarm" and self.reward.order == "second" and self.reward.zero_stage == 3:
             raise ValueError(
                 "reward.order='second' needs whole parameters on every rank; ZeRO-3 partitions them. "

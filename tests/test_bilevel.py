@@ -269,3 +269,14 @@ def test_the_rm_step_follows_the_weighted_reward_gradient_over_micro_batches(dis
         assert values["loss"] == pytest.approx(-torch.nn.functional.logsigmoid(pair_scores[0] - pair_scores[1]).item(), abs=1e-5)
     finally:
         torch.set_default_dtype(torch.float64)
+
+
+def test_a_domain_split_that_does_not_fit_the_data_is_refused_naming_both():
+    from rayrlhf.config import load_config
+    from rayrlhf.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"reward.bilevel.domain_by='subreddit' splits tldr data, but data.preference has "
+                                          r"format 'synthetic': name the domains in reward.bilevel.domains instead"):
+        load_config("conf/rm_tiny.yaml", ["reward.method=bilevel"])
+    load_config("conf/rm_tiny.yaml", ["reward.method=bilevel", "reward.bilevel.domain_by=topic"])
+    load_config("conf/rm_tldr.yaml", ["reward.method=bilevel"])
