@@ -148,7 +148,8 @@ def test_the_policy_side_on_a_tiny_llama_gives_the_exact_one_step_hypergradient(
     from rayrlhf.data.rollouts import collate_sequences
     from rayrlhf.data.synthetic import SyntheticPreferenceTask
     from rayrlhf.models.build import build_causal_lm, build_reward_model
-    from rayrlhf.training.bilevel_policy import BilevelPolicy, sequence_log_probs
+    from rayrlhf.training.bilevel_policy import BilevelPolicy
+    from rayrlhf.training.ppo_passes import sequence_log_probs
 
     task = SyntheticPreferenceTask(SyntheticTask(relevance="any"), seed=0)
     tokenizer = task.tokenizer()

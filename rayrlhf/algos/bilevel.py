@@ -36,7 +36,8 @@ small enough to write out by hand.
 from typing import Callable, Dict, List
 
 import torch
-import torch.nn.functional as F
+
+from rayrlhf.algos.reward_losses import bradley_terry_loss
 
 Params = Dict[str, torch.Tensor]
 SampleLogProbs = Callable[[Params], torch.Tensor]  # θ -> (n,) log π_θ(s_i | x_i)
@@ -68,8 +69,9 @@ def implicit_reward_margins(chosen_log_probs: torch.Tensor, rejected_log_probs: 
 
 
 def outer_preference_loss(margins: torch.Tensor) -> torch.Tensor:
-    """L = −(1/P) Σ_j log σ(m_j): the Bradley-Terry loss of the labels under the implicit reward, a scalar."""
-    return -F.logsigmoid(margins).mean()
+    """L = −(1/P) Σ_j log σ(m_j): the Bradley-Terry loss (reward_losses.bradley_terry_loss) of the labels under the
+    implicit reward, whose margin m_j is the chosen-minus-rejected reward difference; a scalar."""
+    return bradley_terry_loss(margins, torch.zeros_like(margins))
 
 
 def hypergradient_weights(score_projections: torch.Tensor, prompt_index: torch.Tensor, step_size: float) -> torch.Tensor:

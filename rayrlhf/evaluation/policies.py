@@ -16,7 +16,7 @@ from rayrlhf.data.batches import encode_prompts, end_token_id
 from rayrlhf.data.rollouts import collate_sequences
 from rayrlhf.models.build import build_causal_lm
 from rayrlhf.engines.generation import generate
-from rayrlhf.training.ppo_passes import response_log_probs
+from rayrlhf.training.ppo_passes import sequence_log_probs as batch_log_probs
 from rayrlhf.training.safe_checkpoints import load_state
 
 
@@ -78,8 +78,7 @@ def sequence_log_probs(model: PreTrainedModel, samples: PolicySamples, pad_id: i
     for start in range(0, len(samples.responses), batch_size):
         rows = slice(start, start + batch_size)
         batch = collate_sequences(samples.prompt_ids[rows], samples.response_ids[rows], pad_id).to(model.device)
-        log_probs, _ = response_log_probs(model, batch, with_entropy=False)  # (b, R)
-        totals.append((log_probs.double() * batch.response_mask).sum(dim=1).cpu())
+        totals.append(batch_log_probs(model, batch).cpu())
     return torch.cat(totals)
 
 

@@ -21,13 +21,7 @@ from torch import nn
 
 from rayrlhf.algos.bilevel import centred_by_prompt, hypergradient_weights, implicit_reward_margins, outer_preference_loss
 from rayrlhf.data.rollouts import SequenceBatch
-from rayrlhf.training.ppo_passes import response_log_probs
-
-
-def sequence_log_probs(policy: nn.Module, batch: SequenceBatch) -> torch.Tensor:
-    """log π(response | prompt) of each row: the sum over its response tokens, (B,)."""
-    token_log_probs, _ = response_log_probs(policy, batch, with_entropy=False)
-    return (token_log_probs * batch.response_mask).sum(dim=1)
+from rayrlhf.training.ppo_passes import sequence_log_probs
 
 
 class BilevelPolicy:
@@ -66,7 +60,7 @@ class BilevelPolicy:
     def _inner_step(self, samples: SequenceBatch, advantages: torch.Tensor) -> None:
         """θ ← θ_0 + γ (1/n) Σ_i A_i ∇ log π_θ0(s_i)."""
         log_probs = sequence_log_probs(self.policy, samples)
-        gradients = torch.autograd.grad(log_probs, self.parameters, grad_outputs=advantages / len(advantages))
+        gradients = torch.autograd.grad(log_probs, self.parameters, grad_outputs=advantages.to(log_probs.dtype) / len(advantages))
         with torch.no_grad():
             for parameter, reference, gradient in zip(self.parameters, self.reference, gradients):
                 parameter.copy_(reference + self.inner_lr * gradient)
@@ -82,7 +76,7 @@ class BilevelPolicy:
         for sign in (1.0, -1.0):
             self._move_along(direction, sign * epsilon)
             with torch.no_grad():
-                values.append(sequence_log_probs(self.policy, samples).double())
+                values.append(sequence_log_probs(self.policy, samples))
         self._move_along(direction, 0.0)
         return ((values[0] - values[1]) / (2 * epsilon)).float()
 

@@ -49,6 +49,12 @@ def response_log_probs(model: nn.Module, batch: SequenceBatch, with_entropy: boo
     return gather_log_probs(at_responses, batch.response_tokens), entropy
 
 
+def sequence_log_probs(model: nn.Module, batch: SequenceBatch) -> torch.Tensor:
+    """log π(response | prompt) of each row, the sum over its response tokens in float64: (B,)."""
+    token_log_probs, _ = response_log_probs(model, batch, with_entropy=False)  # (B, R)
+    return (token_log_probs.double() * batch.response_mask).sum(dim=1)
+
+
 def response_values(critic: nn.Module, batch: SequenceBatch) -> torch.Tensor:
     """V(s_t) for the state before each response token: (B, R)."""
     values = token_values(critic, batch.input_ids, batch.attention_mask)  # (B, L)
