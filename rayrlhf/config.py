@@ -264,7 +264,8 @@ class RewardTrainingConfig(Schema):
     method: Literal["vanilla", "metarm", "bilevel"] = "metarm"
     """`metarm`: each RM step first ascends the difference loss J on a meta batch, then steps on the
     Bradley-Terry loss at the ascended parameters (the paper, see order); `vanilla`: Bradley-Terry steps only;
-    `bilevel`: meta-training across domains (see `bilevel`; `python -m rayrlhf.train_rm` only, one rank, for now).
+    `bilevel`: meta-training across domains (see `bilevel`; `python -m rayrlhf.train_rm` and Tune's reward_model
+    trainable, not the round loop, which meta-tests such an RM with train_each_round false).
     The Ray loop's initial training before round 1 is always vanilla."""
     bilevel: BilevelConfig = BilevelConfig()
     """Settings of reward.method `bilevel`."""
@@ -297,6 +298,10 @@ class RewardTrainingConfig(Schema):
     the fixed groups of data.meta (or the synthetic task's drifted region)."""
     meta_prompts_per_round: int = Field(16, gt=0)
     """Ray loop: prompts the policy answers k times each round to build the meta data."""
+    train_each_round: bool = True
+    """Ray loop: train the RM each round (by method). false: every round scores with the RM as it stood after the
+    initial training (as loaded, with initial_epochs 0): a frozen proxy, as in reward over-optimisation studies,
+    or the meta-test of a reward model meta-trained by `python -m rayrlhf.train_rm` with method bilevel."""
     reset_each_round: bool = False
     """Ray loop: start each round's RM training from the initial RM instead of the previous round's."""
     initial_epochs: int = Field(1, ge=0)

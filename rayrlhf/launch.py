@@ -110,11 +110,12 @@ def start_ray(config: RunConfig):
 
 
 def check_reward_method(config: RunConfig) -> None:
-    """reward.method bilevel is meta-training of a reward model alone; the Ray loop and Tune do not run it (yet)."""
+    """reward.method bilevel is meta-training of a reward model alone; the Ray loop does not run it (yet)."""
     if config.reward.method == "bilevel":
         raise ConfigError("reward.method='bilevel' (meta-training across domains) runs in `python -m rayrlhf.train_rm` "
-                          "only, for now; meta-test its reward model with the loop: reward_model.source=<its "
-                          "reward_model folder>, reward.method='vanilla'")
+                          "and in Tune's reward_model trainable, not in the round loop; meta-test its reward model with "
+                          "the loop, frozen: reward_model.source=<its "
+                          "reward_model folder> reward.method=vanilla reward.initial_epochs=0 reward.train_each_round=false")
 
 
 def launch(config: RunConfig, on_round: Optional[Callable[[Dict[str, float]], None]] = None,

@@ -308,9 +308,11 @@ class Pipeline:
         return _groups(meta)
 
     def train_reward_model(self, round_index: int, groups: List[Tuple[str, List[str]]]) -> Dict[str, float]:
-        """The round's RM training (from the initial RM with reset_each_round); MetaRM's meta data are the
-        policy's groups unless meta_source is the fixed data."""
+        """The round's RM training (from the initial RM with reset_each_round; none without train_each_round);
+        MetaRM's meta data are the policy's groups unless meta_source is the fixed data."""
         reward, learner = self.config.reward, self.actors.reward_learner
+        if not reward.train_each_round:
+            return {"rm_steps": 0}
         if reward.reset_each_round:
             learner.load_checkpoint(str(checkpoint_path(self.run_dir, 0)))
         use_policy_meta = reward.method == "metarm" and reward.meta_source == "policy"

@@ -1,4 +1,4 @@
-"""Train a reward model alone, vanilla or MetaRM (one process or several gloo/NCCL ranks), or bilevel (one process).
+"""Train a reward model alone, vanilla, MetaRM or bilevel (one process or several gloo/NCCL ranks).
 
     python -m rayrlhf.train_rm conf/rm_tldr.yaml [key.sub=value ...]
 
@@ -11,7 +11,6 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -20,13 +19,11 @@ from tqdm import tqdm
 
 from rayrlhf.cli import run_command
 from rayrlhf.config import RunConfig, save_config
-from rayrlhf.data.domains import bilevel_domains, describe_domains
 from rayrlhf.data.reward_data import RewardData, group_batches, prepare_reward_data, task_tokenizer
 from rayrlhf.errors import ConfigError
 from rayrlhf.metrics import MetricsLogger
-from rayrlhf.models.build import build_causal_lm, load_tokenizer
-from rayrlhf.training.bilevel_policy import BilevelPolicy
-from rayrlhf.training.bilevel_training import BilevelBatches, bilevel_train_steps
+from rayrlhf.models.build import load_tokenizer
+from rayrlhf.training.bilevel_training import bilevel_train_steps, build_bilevel
 from rayrlhf.training.distributed import init_distributed, exit_distributed_process
 from rayrlhf.training.reward_trainer import build_reward_trainer, evaluate_reward_data, train_steps
 
@@ -40,8 +37,6 @@ def seed_everything(seed: int) -> None:
 
 def train_reward_model(config: RunConfig, rank: int = 0, world_size: int = 1) -> Dict[str, float]:
     """The whole job; returns the final evaluation. Rank 0 writes the run directory."""
-    if config.reward.method == "bilevel" and world_size > 1:
-        raise ConfigError("reward.method='bilevel' runs on one rank for now; set resources.reward_learner_ranks=1")
     if world_size != config.resources.reward_learner_ranks:
         raise ConfigError(
             f"started with {world_size} ranks but resources.reward_learner_ranks={config.resources.reward_learner_ranks}; "
@@ -52,7 +47,7 @@ def train_reward_model(config: RunConfig, rank: int = 0, world_size: int = 1) ->
     metarm = config.reward.method == "metarm"
     data = prepare_reward_data(config.data, tokenizer, config.reward.samples_per_prompt, metarm, config.seed)
     # the domains and the policy before any engine: bad data or a missing policy stop the run here
-    bilevel = bilevel_setup(config, tokenizer) if config.reward.method == "bilevel" else None
+    bilevel = build_bilevel(config, tokenizer, rank, world_size) if config.reward.method == "bilevel" else None
     init_distributed(config.resources.device, rank, world_size)
     trainer = build_reward_trainer(config, tokenizer, world_size)
     run_dir = Path(config.run_dir)
@@ -65,7 +60,10 @@ def train_reward_model(config: RunConfig, rank: int = 0, world_size: int = 1) ->
     before = evaluate_reward_data(trainer, data, config.reward.eval_batch_size, pad_id)
     metrics.log("eval", 0, before)
 
-    total = bilevel.steps if bilevel else vanilla_or_metarm_steps(config, len(data.train))
+    if bilevel:
+        total = config.reward.max_steps or bilevel.epoch_steps * config.reward.epochs
+    else:
+        total = vanilla_or_metarm_steps(config, len(data.train))
     if bilevel and is_writer:
         print(bilevel.description, flush=True)
     started = time.perf_counter()
@@ -99,27 +97,6 @@ def vanilla_or_metarm_steps(config: RunConfig, train_pairs: int) -> int:
     """Steps of a vanilla or MetaRM training: reward.epochs passes of reward.batch_size pairs, at most max_steps."""
     total = train_pairs // config.reward.batch_size * config.reward.epochs
     return min(total, config.reward.max_steps) if config.reward.max_steps else total
-
-
-@dataclass
-class BilevelSetup:
-    policy: BilevelPolicy
-    batches: BilevelBatches
-    steps: int
-    description: str
-
-
-def bilevel_setup(config: RunConfig, reward_tokenizer) -> BilevelSetup:
-    """The policy (config.policy, the reference of the inner problem), the domains and the step count of a bilevel
-    run: reward.max_steps, else reward.epochs passes over the domains' labelled pairs, bilevel.query_pairs a step."""
-    bilevel = config.reward.bilevel
-    domains = bilevel_domains(config.data, bilevel, config.reward.samples_per_prompt, config.seed)
-    policy_tokenizer = load_tokenizer(config.policy, task_tokenizer(config.data, config.seed))
-    policy = build_causal_lm(config.policy, policy_tokenizer, seed=config.seed).to(config.resources.device)
-    steps = config.reward.max_steps or max(1, sum(len(d.query) for d in domains) // bilevel.query_pairs * config.reward.epochs)
-    return BilevelSetup(BilevelPolicy(policy, bilevel.beta, bilevel.inner_lr, bilevel.difference_step),
-                        BilevelBatches(domains, bilevel, config.data, policy_tokenizer, reward_tokenizer, config.seed), steps,
-                        describe_domains(domains))
 
 
 def print_summary(before: Dict[str, float], after: Dict[str, float], data: RewardData) -> None:

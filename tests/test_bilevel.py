@@ -183,7 +183,7 @@ def test_the_policy_side_on_a_tiny_llama_gives_the_exact_one_step_hypergradient(
                                    prompt_index=prompt_index, beta=BETA, step_size=2.0)
 
     side = BilevelPolicy(policy, beta=BETA, inner_lr=2.0)
-    weights, losses = side.sample_weights(samples, prompt_index, rewards(phi).detach(), chosen, rejected)
+    weights, losses = side.sample_weights(samples, prompt_index, rewards(phi).detach(), chosen, rejected, 6, 2)
     weighted = torch.autograd.grad((weights * rewards(phi)).sum(), list(phi.values()))
     # central differences through a model that normalises in float32 (transformers' RMSNorm): 3e-4 measured
     error = (flat(dict(zip(phi, weighted))) - flat(exact)).norm() / flat(exact).norm()

@@ -19,6 +19,7 @@ from rayrlhf.tuning.sweep_config import load_sweep
 SWEEP = ROOT / "conf" / "sweep_metarm.yaml"
 # Each epoch of an RM trial evaluates on the CNN/DM target pairs and meta groups: 40 of each, not the sweep file's 200,
 # where a test checks the sweep's machinery rather than what it finds
+BILEVEL_SWEEP = ROOT / "conf" / "sweep_bilevel.yaml"
 SMALL_EVALUATION = ("config.data.target_eval.max_records=40", "config.data.meta.max_records=40")
 
 
@@ -58,10 +59,31 @@ def test_a_bad_sweep_is_refused_naming_the_culprit(tmp_path, changes, message):
     assert message in str(error.value)
 
 
-def test_a_sweep_of_bilevel_reward_learning_is_refused(tmp_path):
-    shared_file("tokenizers", "gpt2")  # conf/sweep_metarm.yaml's tokenizer; its data ships in data/
-    with pytest.raises(ConfigError, match=r"reward.method='bilevel' .* runs in `python -m rayrlhf.train_rm` only"):
-        load_sweep(str(sweep_file(tmp_path)), ["config.reward.method=bilevel"])
+def test_bilevel_reward_learning_sweeps_as_the_rm_phase_and_is_refused_by_the_loop(tmp_path):
+    _, base = load_sweep(str(sweep_file(tmp_path, BILEVEL_SWEEP)), ["config.reward.max_steps=2"])
+    assert base.reward.method == "bilevel"
+    loop = sweep_file(tmp_path, ROOT / "conf" / "sweep_loop.yaml")
+    with pytest.raises(ConfigError, match=r"reward.method='bilevel' .* not in the round loop"):
+        load_sweep(str(loop), ["config.reward.method=bilevel", "config.reward.bilevel.domain_by=topic"])
+    with pytest.raises(ConfigError, match=r"search space reward.method='bilevel' makes an invalid run config: .* not in the round loop"):
+        load_sweep(str(sweep_file(tmp_path, ROOT / "conf" / "sweep_loop.yaml", space={"reward.method": {"choice": ["metarm", "bilevel"]}})),
+                   ["config.reward.bilevel.domain_by=topic"])
+
+
+@pytest.mark.slow
+def test_a_bilevel_sweep_trains_on_two_ranks_per_trial_and_reports_every_epoch(tmp_path):
+    storage = tmp_path / "sweeps"
+    run_tune(sweep_file(tmp_path, BILEVEL_SWEEP), f"storage_path={storage}", "config.reward.max_steps=3",
+             "config.resources.reward_learner_ranks=2", "config.resources.cpus_per_actor=0.4")
+    folder = storage / "bilevel_topics"
+    trials = read_trials(folder)
+    assert [t["status"] for t in trials] == ["finished", "finished"]
+    for result_file in folder.glob("*/result.json"):
+        reports = [json.loads(line) for line in result_file.read_text().splitlines()]
+        assert [r["epoch"] for r in reports] == [1, 2]
+        assert all(r["train_steps"] == 3 and r["train_weight_norm"] > 0 and 0 <= r["eval_accuracy"] <= 1 for r in reports)
+    best = yaml.safe_load((folder / "best_config.yaml").read_text())
+    assert best["reward"]["method"] == "bilevel" and best["reward"]["bilevel"]["inner_lr"] in (0.1, 1.0)
 
 
 def test_a_bad_sweep_exits_2_before_ray_starts(tmp_path):

@@ -17,6 +17,7 @@ from rayrlhf.data.reward_data import group_batches, prepare_reward_data, task_to
 from rayrlhf.memory import releasing_memory
 from rayrlhf.models.build import load_tokenizer
 from rayrlhf.seeds import reward_training_seed
+from rayrlhf.training.bilevel_training import bilevel_train_steps, build_bilevel
 from rayrlhf.training.distributed import init_distributed, teardown_distributed
 from rayrlhf.training.reward_trainer import (RewardModelTrainer, build_reward_trainer, evaluate_reward_data,
                                              evaluation_batch_count, group_passes, train_steps)
@@ -37,6 +38,8 @@ class RewardLearner(RankActor):
         self.pad_id = self.tokenizer.pad_token_id
         fixed_meta = config.reward.method == "metarm" and config.reward.meta_source == "data"
         self.data = prepare_reward_data(config.data, self.tokenizer, config.reward.samples_per_prompt, fixed_meta, config.seed)
+        # bilevel meta-training (the RM phase of a Tune sweep) holds the reference policy and the domains' batches
+        self.bilevel = build_bilevel(config, self.tokenizer, rank, world_size) if config.reward.method == "bilevel" else None
         self.trainer: Optional[RewardModelTrainer] = None
 
     @releasing_memory  # what loading the model took beyond the model itself
@@ -94,8 +97,17 @@ class RewardLearner(RankActor):
     @releasing_memory
     def train_epoch(self, epoch: int) -> Dict[str, float]:
         """Epoch `epoch` (from 1) on the fixed data (a Tune trial of the RM phase), seeded by the epoch alone so
-        a trial resumed from its checkpoint trains the later epochs as an uninterrupted one would."""
-        return _summary(self._train(reward_training_seed(self.config.seed, epoch), 1, None, None), "train")
+        a trial resumed from its checkpoint trains the later epochs as an uninterrupted one would. Bilevel: an
+        epoch is reward.max_steps steps, else a pass over the domains' labelled pairs."""
+        seed = reward_training_seed(self.config.seed, epoch)
+        if self.bilevel is None:
+            return _summary(self._train(seed, 1, None, None), "train")
+        torch.manual_seed(seed)
+        self.bilevel.batches.reseed(seed)
+        steps = self.config.reward.max_steps or self.bilevel.epoch_steps
+        history = bilevel_train_steps(self.trainer, self.bilevel.policy, self.bilevel.batches, steps,
+                                      self.config.reward.bilevel.vanilla_weight)
+        return _summary(history, "train")
 
     def _train(self, seed: int, epochs: int, meta_groups: Optional[MetaGroups], progress) -> List[Dict[str, float]]:
         reward = self.config.reward

@@ -33,7 +33,7 @@ Shapes: n samples, P pairs; `prompt_index` (n,) the prompt of each sample (integ
 dictionaries of tensors (`Params`), the models callables of them, so a test can check everything on a model
 small enough to write out by hand.
 """
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -74,11 +74,13 @@ def outer_preference_loss(margins: torch.Tensor) -> torch.Tensor:
     return bradley_terry_loss(margins, torch.zeros_like(margins))
 
 
-def hypergradient_weights(score_projections: torch.Tensor, prompt_index: torch.Tensor, step_size: float) -> torch.Tensor:
+def hypergradient_weights(score_projections: torch.Tensor, prompt_index: torch.Tensor, step_size: float,
+                          total_samples: Optional[int] = None) -> torch.Tensor:
     """w_i = (γ/n) Σ_k (c_ik − c̄_k(x_i)), (n,): the weights of the first-order hypergradient ∇_φ Σ_i w_i r_φ(s_i).
-    score_projections (K, n) or (n,): c_ik = ⟨∇_θ log π_θk(s_i|x_i), v_K⟩ at each inner step's parameters."""
+    score_projections (K, n) or (n,): c_ik = ⟨∇_θ log π_θk(s_i|x_i), v_K⟩ at each inner step's parameters.
+    total_samples: n, where these samples are one rank's share of the step's (default: these n)."""
     projections = score_projections.reshape(-1, score_projections.shape[-1])
-    samples = projections.shape[-1]
+    samples = total_samples or projections.shape[-1]
     return step_size / samples * sum(centred_by_prompt(row, prompt_index) for row in projections)
 
 

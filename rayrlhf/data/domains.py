@@ -74,14 +74,19 @@ def halve(name: str, rows: List[dict], min_prompts: int, samples_per_prompt: int
     return Domain(name, support, query)
 
 
-def bilevel_domains(data: DataConfig, bilevel: BilevelConfig, samples_per_prompt: int, seed: int) -> List[Domain]:
+def bilevel_domains(data: DataConfig, bilevel: BilevelConfig, samples_per_prompt: int, seed: int, ranks: int = 1) -> List[Domain]:
     """The domains of a bilevel run: bilevel.domains, or the training split of data.preference (the held-out
-    prompts stay out) divided by domain_by. No usable domain is a ConfigError naming the setting."""
+    prompts stay out) divided by domain_by; a domain with fewer support prompts or labelled pairs than `ranks` (each
+    rank takes a share of a step) is left out with a warning. No usable domain is a ConfigError naming the setting."""
     if bilevel.domains:
         domains = named_domains(data, bilevel, samples_per_prompt, seed)
     else:
         train_pairs, _ = split_by_prompt(load_preference_pairs(data.preference, data.synthetic, seed).pairs, data.eval_fraction, seed)
         domains = split_domains(train_pairs, bilevel, samples_per_prompt, seed)
+    for domain in [d for d in domains if min(len(d.support), len(d.query)) < ranks]:
+        log.warning("bilevel: domain %r left out: %d support prompt(s) and %d pair(s) cannot be shared by %d ranks",
+                    domain.name, len(domain.support), len(domain.query), ranks)
+        domains.remove(domain)
     if not domains:
         raise ConfigError(f"reward.method='bilevel' found no domain with at least reward.bilevel.min_prompts="
                           f"{bilevel.min_prompts} prompts; lower it or give more data")

@@ -4,6 +4,10 @@ Each step takes the next domain (every domain in turn, in an order reshuffled ea
 bilevel.support_prompts of its response groups and bilevel.query_pairs of its labelled pairs, tokenises them
 for the policy and for the RM, asks the policy side (BilevelPolicy) for each response's weight and steps the RM
 on the weighted rewards (RewardModelTrainer.weighted_reward_step).
+
+With several ranks every rank draws the same step (the same seed) and keeps every world_size-th support prompt and
+labelled pair from its rank on; the sums over samples and pairs are reduced across ranks where the math needs the
+whole step (BilevelPolicy), so 2 ranks make the step of 1.
 """
 import random
 from dataclasses import dataclass
@@ -12,10 +16,14 @@ from typing import Callable, Dict, Iterator, List, Optional
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from rayrlhf.config import BilevelConfig, DataConfig
+from rayrlhf.config import BilevelConfig, DataConfig, RunConfig
 from rayrlhf.data.batches import PreferenceBatch, ResponseGroupBatch, collate_groups, collate_pairs, encode_prompt_and_response
-from rayrlhf.data.domains import Domain
+from rayrlhf.data.domains import Domain, bilevel_domains, describe_domains
+from rayrlhf.data.reward_data import task_tokenizer
 from rayrlhf.data.rollouts import SequenceBatch, collate_sequences
+from rayrlhf.errors import ConfigError
+from rayrlhf.models.build import build_causal_lm, load_tokenizer
+from rayrlhf.training import distributed
 from rayrlhf.training.bilevel_policy import BilevelPolicy
 from rayrlhf.training.reward_trainer import RewardModelTrainer
 
@@ -31,15 +39,23 @@ class BilevelBatch:
     rejected: SequenceBatch
     reward_samples: ResponseGroupBatch  # the same n responses in RM tokens
     reward_pairs: PreferenceBatch  # the query pairs in RM tokens
+    total_samples: int  # support responses of the step over all ranks (n of the inner step's 1/n)
+    total_pairs: int  # query pairs of the step over all ranks
 
 
 class BilevelBatches:
     """Endless BilevelBatch-es over the domains, seeded."""
 
     def __init__(self, domains: List[Domain], bilevel: BilevelConfig, data: DataConfig,
-                 policy_tokenizer: PreTrainedTokenizerBase, reward_tokenizer: PreTrainedTokenizerBase, seed: int):
+                 policy_tokenizer: PreTrainedTokenizerBase, reward_tokenizer: PreTrainedTokenizerBase, seed: int,
+                 rank: int = 0, world_size: int = 1):
         self.domains, self.bilevel, self.data = domains, bilevel, data
         self.policy_tokenizer, self.reward_tokenizer = policy_tokenizer, reward_tokenizer
+        self.rng = random.Random(seed)  # the same on every rank: the ranks draw the same step
+        self.rank, self.world_size = rank, world_size
+
+    def reseed(self, seed: int) -> None:
+        """Draw from here on as from a fresh BilevelBatches of this seed (an epoch of a Tune trial, resumable)."""
         self.rng = random.Random(seed)
 
     def __iter__(self) -> Iterator[BilevelBatch]:
@@ -50,8 +66,9 @@ class BilevelBatches:
                 yield self.batch(domain)
 
     def batch(self, domain: Domain) -> BilevelBatch:
-        groups = self.rng.sample(domain.support, min(self.bilevel.support_prompts, len(domain.support)))
-        pairs = self.rng.sample(domain.query, min(self.bilevel.query_pairs, len(domain.query)))
+        all_groups = self.rng.sample(domain.support, min(self.bilevel.support_prompts, len(domain.support)))
+        all_pairs = self.rng.sample(domain.query, min(self.bilevel.query_pairs, len(domain.query)))
+        groups, pairs = all_groups[self.rank::self.world_size], all_pairs[self.rank::self.world_size]
         rows = [(group["prompt"], response) for group in groups for response in group["responses"]]
         samples = self._policy_sequences(rows)
         prompt_index = torch.arange(len(groups)).repeat_interleave(len(groups[0]["responses"]))
@@ -61,7 +78,8 @@ class BilevelBatches:
         pad = self.reward_tokenizer.pad_token_id
         reward_pairs = collate_pairs([self._reward_ids(p["prompt"], p["chosen"]) for p in pairs],
                                      [self._reward_ids(p["prompt"], p["rejected"]) for p in pairs], pad)
-        return BilevelBatch(domain.name, samples, prompt_index, chosen, rejected, collate_groups(reward_rows, pad), reward_pairs)
+        return BilevelBatch(domain.name, samples, prompt_index, chosen, rejected, collate_groups(reward_rows, pad), reward_pairs,
+                            total_samples=sum(len(group["responses"]) for group in all_groups), total_pairs=len(all_pairs))
 
     def _policy_sequences(self, rows) -> SequenceBatch:
         encoded = [encode_prompt_and_response(self.policy_tokenizer, prompt, response, self.data.max_prompt_tokens,
@@ -75,11 +93,23 @@ class BilevelBatches:
 
 
 def bilevel_step(trainer: RewardModelTrainer, policy: BilevelPolicy, batch: BilevelBatch, vanilla_weight: float) -> Dict[str, float]:
-    """One outer step: the RM scores the support responses, the policy side weighs them, the RM steps."""
+    """One outer step: the RM scores the support responses, the policy side weighs them, the RM steps. The RM's
+    engine averages the ranks' gradients, so each rank's share of the sums (Σ_i w_i r(s_i), its pairs' part of the
+    mean loss) is scaled by world_size to make the average the whole step's sum."""
+    ranks = distributed.world_size()
     scores = trainer.group_rewards([batch.reward_samples]).reshape(-1)
-    weights, policy_values = policy.sample_weights(batch.samples, batch.prompt_index, scores, batch.chosen, batch.rejected)
-    values = trainer.weighted_reward_step(batch.reward_samples, weights, batch.reward_pairs, vanilla_weight)
-    return {**values, **policy_values, "weight_norm": weights.norm().item()}
+    weights, policy_values = policy.sample_weights(batch.samples, batch.prompt_index, scores, batch.chosen, batch.rejected,
+                                                   batch.total_samples, batch.total_pairs)
+    pairs_share = batch.reward_pairs.num_pairs / batch.total_pairs
+    values = trainer.weighted_reward_step(batch.reward_samples, weights * ranks, batch.reward_pairs,
+                                          vanilla_weight * pairs_share * ranks)
+    # the step's metrics over all ranks: the weighted reward summed, the pairs' loss and accuracy averaged
+    totals = torch.tensor([values["weighted_reward"] / ranks, values["loss"] * pairs_share, values["accuracy"] * pairs_share,
+                           weights.square().sum().item()], dtype=torch.float64, device=trainer.device)
+    distributed.sum_across_ranks(totals)
+    weighted_reward, loss, accuracy, weight_square = totals.tolist()
+    return {**values, **policy_values, "weighted_reward": weighted_reward, "loss": loss, "accuracy": accuracy,
+            "weight_norm": weight_square ** 0.5}
 
 
 def bilevel_train_steps(trainer: RewardModelTrainer, policy: BilevelPolicy, batches: BilevelBatches, steps: int,
@@ -93,3 +123,32 @@ def bilevel_train_steps(trainer: RewardModelTrainer, policy: BilevelPolicy, batc
         if on_step:
             on_step(step, values)
     return history
+
+
+@dataclass
+class BilevelSetup:
+    """What a bilevel meta-training needs beside the RM's engine: the reference policy's side, the batches, the
+    steps of an epoch, and a line naming the domains."""
+
+    policy: BilevelPolicy
+    batches: BilevelBatches
+    epoch_steps: int
+    """Steps of one pass over the domains' labelled pairs, bilevel.query_pairs a step."""
+    description: str
+
+
+def build_bilevel(config: RunConfig, reward_tokenizer: PreTrainedTokenizerBase, rank: int = 0, world_size: int = 1) -> BilevelSetup:
+    """A bilevel run's reference policy (config.policy, the inner problem's θ_0), its domains' batches and the steps of
+    an epoch. Each of world_size ranks takes a share of every step, so a step needs at least one prompt and pair per rank."""
+    bilevel = config.reward.bilevel
+    if min(bilevel.support_prompts, bilevel.query_pairs) < world_size:
+        raise ConfigError(f"reward.bilevel.support_prompts={bilevel.support_prompts} and query_pairs={bilevel.query_pairs} "
+                          f"are split over {world_size} reward-learner ranks: each must be at least the rank count")
+    domains = bilevel_domains(config.data, bilevel, config.reward.samples_per_prompt, config.seed, world_size)
+    policy_tokenizer = load_tokenizer(config.policy, task_tokenizer(config.data, config.seed))
+    policy = build_causal_lm(config.policy, policy_tokenizer, seed=config.seed).to(config.resources.device)
+    epoch_steps = max(1, sum(len(d.query) for d in domains) // bilevel.query_pairs)
+    return BilevelSetup(BilevelPolicy(policy, bilevel.beta, bilevel.inner_lr, bilevel.difference_step),
+                        BilevelBatches(domains, bilevel, config.data, policy_tokenizer, reward_tokenizer, config.seed,
+                                       rank, world_size), epoch_steps,
+                        describe_domains(domains))

@@ -132,10 +132,13 @@ def load_sweep(path: str, overrides: Sequence[str] = ()) -> Tuple[SweepConfig, R
     for key, distribution in sweep.space.items():
         for value in space_points(distribution):
             try:
-                trial_config(base, {key: value}, base.run_dir)
+                point = trial_config(base, {key: value}, base.run_dir)
+                if sweep.trainable == "rlhf":  # the RM phase alone runs every method; the loop not bilevel
+                    check_reward_method(point)
             except ConfigError as error:
                 raise ConfigError(f"search space {key}={value!r} makes an invalid run config: {error}") from None
-    check_reward_method(base)
+    if sweep.trainable == "rlhf":
+        check_reward_method(base)
     check_metric(sweep, base)
     return sweep, base
 
@@ -149,7 +152,8 @@ def reported_metrics(trainable: str, base: RunConfig) -> List[str]:
         metarm = base.reward.method == "metarm"
         has_meta = metarm and (base.data.meta is not None or synthetic)
         difference = ["reward_difference_variance", "reward_difference_mean_abs"] if has_meta else []
-        return evaluation + difference + ["train_loss", "train_accuracy"]
+        bilevel = ["train_outer_loss_after", "train_weight_norm"] if base.reward.method == "bilevel" else []
+        return evaluation + difference + bilevel + ["train_loss", "train_accuracy"]
     gold = ["gold_pair_accuracy", "gold_reward"] if synthetic else []
     # judged every round only at every_rounds=1: a metric must be in every report for ASHA to compare trials
     judged = ["win_rate", "tie_rate", "lose_rate", "judge_score"] if base.evaluation.every_rounds == 1 else []
