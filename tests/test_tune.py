@@ -1,6 +1,7 @@
 """Ray Tune sweeps (python -m rayrlhf.tune): bad sweep files fail before Ray starts; a real sweep on the TL;DR
 comparisons runs its trials, lets ASHA stop the poor ones, writes the table, the plot and a best config that
-`python -m rayrlhf.run` runs; an interrupted sweep resumes without redoing finished trials."""
+`python -m rayrlhf.run` runs; an interrupted sweep resumes without redoing finished trials; bilevel reward learning
+sweeps as the RM phase, two 2-rank trials at once."""
 import csv
 import json
 import signal
@@ -68,22 +69,6 @@ def test_bilevel_reward_learning_sweeps_as_the_rm_phase_and_is_refused_by_the_lo
     with pytest.raises(ConfigError, match=r"search space reward.method='bilevel' makes an invalid run config: .* not in the round loop"):
         load_sweep(str(sweep_file(tmp_path, ROOT / "conf" / "sweep_loop.yaml", space={"reward.method": {"choice": ["metarm", "bilevel"]}})),
                    ["config.reward.bilevel.domain_by=topic"])
-
-
-@pytest.mark.slow
-def test_a_bilevel_sweep_trains_on_two_ranks_per_trial_and_reports_every_epoch(tmp_path):
-    storage = tmp_path / "sweeps"
-    run_tune(sweep_file(tmp_path, BILEVEL_SWEEP), f"storage_path={storage}", "config.reward.max_steps=3",
-             "config.resources.reward_learner_ranks=2", "config.resources.cpus_per_actor=0.4")
-    folder = storage / "bilevel_topics"
-    trials = read_trials(folder)
-    assert [t["status"] for t in trials] == ["finished", "finished"]
-    for result_file in folder.glob("*/result.json"):
-        reports = [json.loads(line) for line in result_file.read_text().splitlines()]
-        assert [r["epoch"] for r in reports] == [1, 2]
-        assert all(r["train_steps"] == 3 and r["train_weight_norm"] > 0 and 0 <= r["eval_accuracy"] <= 1 for r in reports)
-    best = yaml.safe_load((folder / "best_config.yaml").read_text())
-    assert best["reward"]["method"] == "bilevel" and best["reward"]["bilevel"]["inner_lr"] in (0.1, 1.0)
 
 
 def test_a_bad_sweep_exits_2_before_ray_starts(tmp_path):
@@ -176,18 +161,21 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path):
 
 
 @pytest.mark.slow
-def test_concurrent_trials_each_run_their_own_group_of_ranks(tmp_path):
-    shared_file("tokenizers", "gpt2")  # conf/sweep_metarm.yaml's tokenizer; its data ships in data/
-    path = sweep_file(tmp_path, space={"reward.eta": {"grid": [1e-3, 1e-2]}}, search={"algorithm": "grid"},
-                      scheduler={"name": "fifo"}, max_concurrent=2)
+def test_concurrent_bilevel_trials_each_run_their_own_group_of_ranks_and_report_every_epoch(tmp_path):
+    """conf/sweep_bilevel.yaml's 2 trials at once, each bilevel meta-training on 2 gloo ranks (their reductions need
+    a process group per trial), each reporting both epochs; the best config names the method and its inner step."""
     storage = tmp_path / "sweeps"
-    run_tune(path, f"storage_path={storage}", "config.reward.epochs=1", "config.reward.max_steps=8", *SMALL_EVALUATION,
+    run_tune(sweep_file(tmp_path, BILEVEL_SWEEP, max_concurrent=2), f"storage_path={storage}", "config.reward.max_steps=3",
              "config.resources.reward_learner_ranks=2", "config.resources.cpus_per_actor=0.4")
-    folder = storage / "metarm_tldr"
+    folder = storage / "bilevel_topics"
     assert [t["status"] for t in read_trials(folder)] == ["finished", "finished"]
     # The two trials' 2-rank gloo groups trained at the same time, so each had its own group and port.
     spans = []
     for result_file in folder.glob("*/result.json"):
-        last = json.loads(result_file.read_text().splitlines()[-1])
-        spans.append((last["timestamp"] - last["time_total_s"], last["timestamp"]))
+        reports = [json.loads(line) for line in result_file.read_text().splitlines()]
+        assert [r["epoch"] for r in reports] == [1, 2]
+        assert all(r["train_steps"] == 3 and r["train_weight_norm"] > 0 and 0 <= r["eval_accuracy"] <= 1 for r in reports)
+        spans.append((reports[-1]["timestamp"] - reports[-1]["time_total_s"], reports[-1]["timestamp"]))
     assert len(spans) == 2 and max(start for start, _ in spans) < min(end for _, end in spans)
+    best = yaml.safe_load((folder / "best_config.yaml").read_text())
+    assert best["reward"]["method"] == "bilevel" and best["reward"]["bilevel"]["inner_lr"] in (0.1, 1.0)
