@@ -120,9 +120,17 @@ class DataSource(Schema):
     max_records: Optional[int] = Field(None, gt=0)
     """Stop reading after this many usable pairs (dropped ones not counted; for `rollouts`: prompts).
     Unset: the whole source. Not applied to `synthetic`."""
+    subreddits: List[str] = []
+    """Format `tldr`: keep only the pairs whose post is from one of these subreddits (a CNN/DM article counts as
+    `cnndm`), e.g. the held-out domains of a leave-subreddits-out experiment. Empty: every subreddit."""
+    exclude_subreddits: List[str] = []
+    """Format `tldr`: leave out the pairs whose post is from one of these subreddits (the training side of that
+    experiment)."""
 
     @model_validator(mode="after")
     def _path_present(self):
+        if (self.subreddits or self.exclude_subreddits) and self.format != "tldr":
+            raise ValueError(f"subreddits and exclude_subreddits select TL;DR posts; format {self.format!r} has none")
         if self.format == "synthetic":
             return self
         if not self.path:

@@ -55,6 +55,22 @@ def test_tldr_real_file_preferred_is_summaries_choice():
     assert loaded.pairs[0]["prompt_id"] == first["info"]["id"]
 
 
+def test_tldr_subreddit_selection_keeps_and_leaves_out_the_posts_their_info_names():
+    path = data_file("tldr", "comparisons_batch13.jsonl")
+    by_subreddit = {}
+    for line in open(path):
+        record = json.loads(line)
+        by_subreddit.setdefault(record["info"]["subreddit"], []).append(record["info"]["id"])
+    held_out = ["tifu", "personalfinance", "legaladvice"]
+    kept, rest = load("tldr", str(path), subreddits=held_out).pairs, load("tldr", str(path), exclude_subreddits=held_out).pairs
+    assert sorted(kept["prompt_id"]) == sorted(i for name in held_out for i in by_subreddit[name])
+    assert len(kept) + len(rest) == 1097 and not set(kept["prompt_id"]) & set(rest["prompt_id"])
+    capped = load("tldr", str(path), subreddits=["tifu"], max_records=5)
+    assert len(capped.pairs) == 5 and all("SUBREDDIT: r/tifu\n" in prompt for prompt in capped.pairs["prompt"])
+    with pytest.raises(ValueError, match="subreddits and exclude_subreddits select TL;DR posts; format 'synthetic' has none"):
+        DataSource(subreddits=["tifu"])
+
+
 def test_tldr_split_by_post_id_never_shares_a_post():
     loaded = load("tldr", str(data_file("tldr", "comparisons_batch13.jsonl")))
     train, held_out = split_by_prompt(loaded.pairs, 0.15, seed=0)

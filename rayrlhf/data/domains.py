@@ -3,18 +3,16 @@ prompts split into a support half (its responses, labels unused: the inner probl
 (its labelled pairs: the outer problem's)."""
 import logging
 import random
-import re
 from dataclasses import dataclass
 from typing import Dict, List
 
 import datasets
 
 from rayrlhf.config import BilevelConfig, DataConfig
-from rayrlhf.data.sources import load_preference_pairs, response_groups, split_by_prompt
+from rayrlhf.data.sources import load_preference_pairs, response_groups, split_by_prompt, subreddit_of
 from rayrlhf.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
-SUBREDDIT = re.compile(r"^SUBREDDIT: r/(\S+)", re.MULTILINE)
 
 
 @dataclass
@@ -30,8 +28,7 @@ def pair_domain(prompt: str, domain_by: str, topic_groups: int) -> str:
     """The domain of a pair from its prompt: a TL;DR post's subreddit (`cnndm` for articles, which name none), or
     the synthetic task's topic group (the first topic word's number modulo topic_groups)."""
     if domain_by == "subreddit":
-        found = SUBREDDIT.search(prompt)
-        return found.group(1) if found else "cnndm"
+        return subreddit_of(prompt)
     first_topic = prompt.split()[1]  # "Q: t3 t7 t12 A:"
     return f"topics{int(first_topic[1:]) % topic_groups}"
 

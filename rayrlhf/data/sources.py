@@ -7,6 +7,7 @@ pairs whose chosen equals rejected are dropped and counted.
 import gzip
 import hashlib
 import json
+import re
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from rayrlhf.config import DataSource, SyntheticTask
 from rayrlhf.errors import DataError
 
 HH_ASSISTANT_TURN = "\n\nAssistant:"
+SUBREDDIT = re.compile(r"^SUBREDDIT: r/(\S+)", re.MULTILINE)
 
 
 @dataclass
@@ -166,6 +168,8 @@ def load_preference_pairs(source: DataSource, synthetic: SyntheticTask, seed: in
     kept: List[dict] = []
     dropped: Counter = Counter()
     for _, row in rows:
+        if not _selected(row, source):
+            continue
         if row["prompt"] is None:
             dropped["prompts differ between chosen and rejected"] += 1
         elif row["chosen"] == row["rejected"]:
@@ -177,6 +181,20 @@ def load_preference_pairs(source: DataSource, synthetic: SyntheticTask, seed: in
     if not kept:
         raise DataError(f"{source.path}: no usable preference pairs (dropped: {dict(dropped)})")
     return LoadedPairs(datasets.Dataset.from_list(kept), dict(dropped))
+
+
+def subreddit_of(prompt: str) -> str:
+    """The subreddit of a TL;DR post (`cnndm` for a CNN/DM article, which names none)."""
+    found = SUBREDDIT.search(prompt)
+    return found.group(1) if found else "cnndm"
+
+
+def _selected(row: dict, source: DataSource) -> bool:
+    """Whether a row passes the source's subreddit selection (every row without one)."""
+    if not (source.subreddits or source.exclude_subreddits) or row["prompt"] is None:
+        return True
+    subreddit = subreddit_of(row["prompt"])
+    return (not source.subreddits or subreddit in source.subreddits) and subreddit not in source.exclude_subreddits
 
 
 def load_saved_rollouts(source: DataSource, samples_per_prompt: int) -> datasets.Dataset:
