@@ -1,7 +1,9 @@
-"""Experiment A: reward-model accuracy out of distribution on real data, vanilla vs MetaRM, paired over seeds.
+"""Experiment A: reward-model accuracy out of distribution on real data, vanilla vs MetaRM (and bilevel reward
+learning), paired over seeds.
 
     .venv/bin/python benchmarks/experiment_a.py --seeds 0 1 2 --out /tmp/expA/main
-        [--pairs tldr-cnndm hh-helpful-harmless] [--etas 5e-6 1e-3] [--max-steps 30]
+        [--pairs tldr-cnndm hh-helpful-harmless tldr-subreddits] [--etas 5e-6 1e-3] [--max-steps 30]
+        [--bilevel] [--bilevel-layers 2] [--no-metarm]
         [--prompt-tokens 32] [--response-tokens 48] [--preference-records 1200] [--target-records N]
         [--jobs 2] [--threads 1] [--reuse] [--set key=value ...]
 
@@ -9,10 +11,15 @@ Domain pairs (preference data -> target domain; MetaRM's meta data are the targe
 prompt, without their labels; target accuracy is measured on the same target file with its labels):
   tldr-cnndm           conf/rm_tldr.yaml  TL;DR Reddit summaries  -> CNN/DailyMail summaries
   hh-helpful-harmless  conf/rm_hh.yaml    HH-RLHF helpful-base     -> HH-RLHF harmless-base
+  tldr-subreddits      conf/rm_tldr.yaml  TL;DR without 4 subreddits -> those 4 (AskReddit, tifu, personalfinance,
+                                          legaladvice): leave-subreddits-out
 Every (pair, method, seed) is one subprocess `python -m rayrlhf.train_rm CONF overrides...`, its run directory
-OUT/runs/PAIR/METHOD/seedS (metrics.jsonl, config.yaml, train_rm.log). vanilla and MetaRM of one seed share the
-seed, hence the train/held-out split, the initial head and the order of the preference batches: the comparison
-is paired. `--etas` adds one MetaRM variant per eta (default: the config's eta only); vanilla runs once per seed.
+OUT/runs/PAIR/METHOD/seedS (metrics.jsonl, config.yaml, train_rm.log). Every method of one seed shares the
+seed, hence the train/held-out split, the initial head and (vanilla, MetaRM) the order of the preference batches:
+the comparison is paired. `--etas` adds one MetaRM variant per eta (default: the config's eta only); vanilla runs
+once per seed. `--bilevel` adds bilevel reward learning (Jia 2024): meta-training across the training side's
+domains (its subreddits; HH helpful is one domain) with SmolLM2-135M as the inner problem's policy, adapting its
+last `--bilevel-layers` blocks, the same number of RM steps; it never sees the target domain.
 Writes OUT/experiment_a.json and OUT/experiment_a.md and prints the markdown.
 Standard library only (the runs themselves use the project's venv).
 """
@@ -43,11 +50,23 @@ class DomainPair:
     target: str
     target_records: Optional[int]
     """Default data.meta/target_eval.max_records (None: the whole target file)."""
+    domain_by: str
+    """reward.bilevel.domain_by of the bilevel variant: how the training side splits into domains."""
+    overrides: Tuple[str, ...] = ()
+    """What makes the pair out of its config (every method)."""
 
 
+HELD_OUT_SUBREDDITS = "[AskReddit, tifu, personalfinance, legaladvice]"
+TLDR_FILE = "data/tldr/comparisons_batch13.jsonl"
 PAIRS: Dict[str, DomainPair] = {
-    "tldr-cnndm": DomainPair("conf/rm_tldr.yaml", "TL;DR (Reddit posts)", "CNN/DailyMail (news)", 300),
-    "hh-helpful-harmless": DomainPair("conf/rm_hh.yaml", "HH-RLHF helpful-base", "HH-RLHF harmless-base", 300),
+    "tldr-cnndm": DomainPair("conf/rm_tldr.yaml", "TL;DR (Reddit posts)", "CNN/DailyMail (news)", 300, "subreddit"),
+    "hh-helpful-harmless": DomainPair("conf/rm_hh.yaml", "HH-RLHF helpful-base", "HH-RLHF harmless-base", 300, "none"),
+    "tldr-subreddits": DomainPair(
+        "conf/rm_tldr.yaml", "TL;DR without 4 subreddits", f"TL;DR {HELD_OUT_SUBREDDITS}", None, "subreddit",
+        (f"data.preference.exclude_subreddits={HELD_OUT_SUBREDDITS}",
+         f"data.meta={{format: tldr, path: {TLDR_FILE}, subreddits: {HELD_OUT_SUBREDDITS}}}",
+         f"data.target_eval={{format: tldr, path: {TLDR_FILE}, subreddits: {HELD_OUT_SUBREDDITS}}}",
+         "reward.samples_per_prompt=2")),  # a TL;DR post has one comparison (2 summaries) as a rule
 }
 METRICS = ("eval_accuracy", "target_accuracy", "reward_difference_variance")
 
@@ -74,6 +93,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--etas", type=float, nargs="*", default=[],
                         help="MetaRM variants, one per eta (default: the config's eta, variant 'metarm')")
     parser.add_argument("--no-vanilla", action="store_true", help="skip vanilla runs (no paired comparison)")
+    parser.add_argument("--no-metarm", action="store_true", help="skip MetaRM runs")
+    parser.add_argument("--bilevel", action="store_true", help="add bilevel reward learning (variant 'bilevel')")
+    parser.add_argument("--bilevel-layers", type=int, default=2,
+                        help="reward.bilevel.policy_layers: the policy blocks the inner problem adapts (0: all)")
     parser.add_argument("--max-steps", type=int, default=30, help="reward.max_steps (0: the config's epochs)")
     parser.add_argument("--prompt-tokens", type=int, default=32, help="data.max_prompt_tokens (0: config's)")
     parser.add_argument("--response-tokens", type=int, default=48, help="data.max_response_tokens (0: config's)")
@@ -119,12 +142,22 @@ def extra_overrides(extra: Sequence[str], pair_name: str) -> List[str]:
     return chosen
 
 
-def variants(args: argparse.Namespace) -> List[Tuple[str, List[str]]]:
-    """(name, overrides) of each method variant: vanilla, then metarm (config eta) or metarm@eta per --etas."""
+def variants(args: argparse.Namespace, pair: DomainPair) -> List[Tuple[str, List[str]]]:
+    """(name, overrides) of each method variant: vanilla, then metarm (config eta) or metarm@eta per --etas, then
+    bilevel."""
     chosen = [] if args.no_vanilla else [("vanilla", ["reward.method=vanilla"])]
-    if not args.etas:
-        return chosen + [("metarm", ["reward.method=metarm"])]
-    return chosen + [(f"metarm@{eta:g}", ["reward.method=metarm", f"reward.eta={eta!r}"]) for eta in args.etas]
+    if args.no_metarm:
+        pass
+    elif not args.etas:
+        chosen.append(("metarm", ["reward.method=metarm"]))
+    else:
+        chosen += [(f"metarm@{eta:g}", ["reward.method=metarm", f"reward.eta={eta!r}"]) for eta in args.etas]
+    if args.bilevel:
+        # TL;DR and HH prompts have one comparison each as a rule: 2 responses per support prompt
+        chosen.append(("bilevel", ["reward.method=bilevel", "policy.source=smollm2", "reward.samples_per_prompt=2",
+                                   f"reward.bilevel.domain_by={pair.domain_by}"]
+                       + ([f"reward.bilevel.policy_layers={args.bilevel_layers}"] if args.bilevel_layers else [])))
+    return chosen
 
 
 def plan_runs(args: argparse.Namespace, out: Path) -> List[Run]:
@@ -132,8 +165,8 @@ def plan_runs(args: argparse.Namespace, out: Path) -> List[Run]:
     runs = []
     for pair_name in args.pairs:
         pair = PAIRS[pair_name]
-        shared = size_overrides(args, pair) + extra_overrides(args.extra, pair_name)
-        for variant, method in variants(args):
+        shared = list(pair.overrides) + size_overrides(args, pair) + extra_overrides(args.extra, pair_name)
+        for variant, method in variants(args, pair):
             for seed in args.seeds:
                 run_dir = out / "runs" / pair_name / variant.replace("@", "_eta") / f"seed{seed}"
                 overrides = shared + method + [f"seed={seed}", f"run_dir={run_dir}"]
@@ -237,7 +270,7 @@ def summarise(runs: List[Run]) -> List[dict]:
 
 
 def paired(runs: List[Run], metric: str = "target_accuracy") -> List[dict]:
-    """Per pair and MetaRM variant: per-seed metarm - vanilla of `metric` over seeds both finished; mean, std,
+    """Per pair and method variant: per-seed method - vanilla of `metric` over seeds both finished; mean, std,
     standard error and how many seeds favour each method."""
     rows = []
     finished = {(r.pair, r.variant, r.seed): r.result for r in runs if "error" not in r.result}
@@ -247,7 +280,7 @@ def paired(runs: List[Run], metric: str = "target_accuracy") -> List[dict]:
         mean, std = mean_std(deltas)
         rows.append({"pair": pair, "variant": variant, "metric": metric, "seeds": seeds, "deltas": deltas,
                      "mean": mean, "std": std, "stderr": std / math.sqrt(len(deltas)) if len(deltas) > 1 else math.nan,
-                     "metarm_better": sum(d > 0 for d in deltas), "vanilla_better": sum(d < 0 for d in deltas),
+                     "method_better": sum(d > 0 for d in deltas), "vanilla_better": sum(d < 0 for d in deltas),
                      "ties": sum(d == 0 for d in deltas)})
     return rows
 
@@ -284,14 +317,14 @@ def summary_table(rows: List[dict]) -> List[str]:
 
 
 def paired_table(rows: List[dict]) -> List[str]:
-    """Markdown rows: the paired per-seed differences metarm - vanilla."""
-    lines = ["| pair | method | metric | per-seed Δ (metarm − vanilla) | mean Δ | std | s.e. "
-             "| seeds metarm better / vanilla better / tied |",
+    """Markdown rows: the paired per-seed differences method - vanilla."""
+    lines = ["| pair | method | metric | per-seed Δ (method − vanilla) | mean Δ | std | s.e. "
+             "| seeds method better / vanilla better / tied |",
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         deltas = ", ".join(f"s{s}: {d:+.4f}" for s, d in zip(row["seeds"], row["deltas"]))
         lines.append(f"| {row['pair']} | {row['variant']} | {row['metric']} | {deltas} | {fmt(row['mean'], 4)} | "
-                     f"{fmt(row['std'], 4)} | {fmt(row['stderr'], 4)} | {row['metarm_better']} / {row['vanilla_better']} / {row['ties']} |")
+                     f"{fmt(row['std'], 4)} | {fmt(row['stderr'], 4)} | {row['method_better']} / {row['vanilla_better']} / {row['ties']} |")
     return lines
 
 
@@ -303,7 +336,7 @@ def machine() -> Dict[str, object]:
 
 def markdown(report: dict, runs: List[Run]) -> str:
     """The whole report as markdown."""
-    lines = ["# Experiment A: OOD reward-model accuracy, vanilla vs MetaRM", "",
+    lines = ["# Experiment A: OOD reward-model accuracy, vanilla vs MetaRM and bilevel reward learning", "",
              f"Command: `{report['command']}`", "",
              f"Machine: {report['machine_start']['cpus']} CPUs, {report['machine_start']['platform']}; load average at start "
              f"{report['machine_start']['loadavg']}, at end {report['machine_end']['loadavg']}. Wall time {report['wall_seconds']:.0f} s "
@@ -336,7 +369,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     runs = plan_runs(args, out)
     report = {"command": shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(argv),
               "pairs": args.pairs, "jobs": args.jobs, "threads": threads, "machine_start": machine(),
-              "overrides": {n: size_overrides(args, PAIRS[n]) + extra_overrides(args.extra, n) for n in args.pairs}}
+              "overrides": {n: list(PAIRS[n].overrides) + size_overrides(args, PAIRS[n]) + extra_overrides(args.extra, n)
+                            for n in args.pairs}}
     print(f"{len(runs)} runs, {args.jobs} at a time, {threads} thread(s) each -> {out}", file=sys.stderr)
     started = time.perf_counter()
     execute_all(runs, args.jobs, threads, args.reuse)

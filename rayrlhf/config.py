@@ -239,10 +239,10 @@ class BilevelConfig(Schema):
     domains: Dict[str, DataSource] = {}
     """Named preference sources, one domain each (e.g. HH helpful and harmless). Empty: data.preference split by
     domain_by."""
-    domain_by: Literal["subreddit", "topic"] = "subreddit"
+    domain_by: Literal["subreddit", "topic", "none"] = "subreddit"
     """How data.preference splits into domains when `domains` is empty: `subreddit`, the TL;DR posts' subreddit
     (CNN/DM articles are one domain); `topic`, the synthetic task's prompts by their first topic word, in
-    `topic_groups` groups."""
+    `topic_groups` groups; `none`, one domain (`all`: e.g. HH helpful, when only one distribution has labels)."""
     topic_groups: int = Field(4, ge=2)
     """Domains of the synthetic task with domain_by `topic`."""
     min_prompts: int = Field(4, ge=2)
@@ -261,6 +261,9 @@ class BilevelConfig(Schema):
     vanilla_weight: float = Field(0.0, ge=0)
     """Weight of the ordinary Bradley-Terry loss on the step's labelled pairs, added to the bilevel objective
     (0: the bilevel objective alone, as the paper states it)."""
+    policy_layers: Optional[int] = Field(None, gt=0)
+    """Adapt only the policy's last this many transformer blocks and its final norm in the inner problem, the rest
+    frozen: a cheaper inner problem (the backward passes stop there) on a large policy. Unset: every parameter."""
     difference_step: float = Field(1e-2, gt=0)
     """Distance the policy's parameters move along the outer gradient for the central difference that gives each
     response's weight (rayrlhf/training/bilevel_policy.py; 1e-2 suits float32 models)."""

@@ -139,9 +139,11 @@ def test_a_step_along_the_hypergradient_lowers_the_outer_loss():
     assert problem.outer_loss(stepped, 3, 0.5) < problem.outer_loss(problem.phi, 3, 0.5)
 
 
-def test_the_policy_side_on_a_tiny_llama_gives_the_exact_one_step_hypergradient():
+@pytest.mark.parametrize("policy_layers", [None, 1])
+def test_the_policy_side_on_a_tiny_llama_gives_the_exact_one_step_hypergradient(policy_layers):
     """BilevelPolicy (central differences on a transformers policy) times the RM's reward gradient equals
-    unrolled_hypergradient (backpropagation through the inner step) on tiny random Llamas."""
+    unrolled_hypergradient (backpropagation through the inner step) on tiny random Llamas; with policy_layers the
+    inner problem adapts the last block and the final norm only, and the exact unroll moves those alone."""
     from torch.func import functional_call
 
     from rayrlhf.config import ModelSpec, SyntheticTask
@@ -149,12 +151,17 @@ def test_the_policy_side_on_a_tiny_llama_gives_the_exact_one_step_hypergradient(
     from rayrlhf.data.synthetic import SyntheticPreferenceTask
     from rayrlhf.models.build import build_causal_lm, build_reward_model
     from rayrlhf.training.bilevel_policy import BilevelPolicy
+    from rayrlhf.training.bilevel_training import adapt_last_layers
     from rayrlhf.training.ppo_passes import sequence_log_probs
 
     task = SyntheticPreferenceTask(SyntheticTask(relevance="any"), seed=0)
     tokenizer = task.tokenizer()
     policy = build_causal_lm(ModelSpec(), tokenizer, seed=0).double()
     policy.set_attn_implementation("eager")  # the exact unroll differentiates a backward pass
+    if policy_layers:
+        adapt_last_layers(policy, policy_layers)
+        adapted = {name for name, p in policy.named_parameters() if p.requires_grad}
+        assert adapted == {n for n, _ in policy.named_parameters() if n.startswith(("model.layers.1.", "model.norm."))}
     reward_model = build_reward_model(ModelSpec(), tokenizer, seed=1).double()
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     prompts = [encode(text) for _, text in task.prompts()[:2]]
@@ -168,7 +175,7 @@ def test_the_policy_side_on_a_tiny_llama_gives_the_exact_one_step_hypergradient(
         return functional_call(reward_model, phi, (samples.input_ids,), {"attention_mask": samples.attention_mask}).logits[:, 0]
 
     phi = {name: value.detach().clone().requires_grad_() for name, value in reward_model.named_parameters()}
-    theta = {name: value.detach().clone().requires_grad_() for name, value in policy.named_parameters()}
+    theta = {name: value.detach().clone().requires_grad_() for name, value in policy.named_parameters() if value.requires_grad}
 
     def sample_log_probs(parameters):
         return _log_probs(policy, parameters, samples)
@@ -212,6 +219,7 @@ def test_a_pairs_domain_is_its_subreddit_or_its_topic_group():
     assert pair_domain(post, "subreddit", 4) == "relationships"
     assert pair_domain("ARTICLE: some news\nTL;DR:", "subreddit", 4) == "cnndm"
     assert pair_domain("Q: t13 t2 t7 A:", "topic", 4) == "topics1"
+    assert pair_domain("\n\nHuman: hi\n\nAssistant:", "none", 4) == "all"
 
 
 def test_a_domain_is_halved_into_support_and_query_prompts_and_a_small_one_is_left_out(caplog):

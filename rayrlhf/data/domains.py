@@ -25,10 +25,12 @@ class Domain:
 
 
 def pair_domain(prompt: str, domain_by: str, topic_groups: int) -> str:
-    """The domain of a pair from its prompt: a TL;DR post's subreddit (`cnndm` for articles, which name none), or
-    the synthetic task's topic group (the first topic word's number modulo topic_groups)."""
+    """The domain of a pair from its prompt: a TL;DR post's subreddit (`cnndm` for articles, which name none), the
+    synthetic task's topic group (the first topic word's number modulo topic_groups), or `all` (domain_by none)."""
     if domain_by == "subreddit":
         return subreddit_of(prompt)
+    if domain_by == "none":
+        return "all"
     first_topic = prompt.split()[1]  # "Q: t3 t7 t12 A:"
     return f"topics{int(first_topic[1:]) % topic_groups}"
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
+from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from rayrlhf.config import BilevelConfig, DataConfig, RunConfig
@@ -125,6 +126,20 @@ def bilevel_train_steps(trainer: RewardModelTrainer, policy: BilevelPolicy, batc
     return history
 
 
+def adapt_last_layers(policy: nn.Module, layers: int) -> None:
+    """Freeze every parameter of a decoder-only policy but its last `layers` blocks and final norm (models whose
+    decoder keeps its blocks in `.layers` and its norm in `.norm`, as Llama and SmolLM2 do)."""
+    decoder = policy.get_decoder()
+    if not hasattr(decoder, "layers") or not hasattr(decoder, "norm"):
+        raise ConfigError(f"reward.bilevel.policy_layers needs a decoder with .layers and .norm; "
+                          f"{type(policy).__name__} has neither: leave policy_layers unset")
+    if layers > len(decoder.layers):
+        raise ConfigError(f"reward.bilevel.policy_layers={layers} but the policy has {len(decoder.layers)} layers")
+    policy.requires_grad_(False)
+    for module in (*decoder.layers[-layers:], decoder.norm):
+        module.requires_grad_(True)
+
+
 @dataclass
 class BilevelSetup:
     """What a bilevel meta-training needs beside the RM's engine: the reference policy's side, the batches, the
@@ -147,6 +162,8 @@ def build_bilevel(config: RunConfig, reward_tokenizer: PreTrainedTokenizerBase, 
     domains = bilevel_domains(config.data, bilevel, config.reward.samples_per_prompt, config.seed, world_size)
     policy_tokenizer = load_tokenizer(config.policy, task_tokenizer(config.data, config.seed))
     policy = build_causal_lm(config.policy, policy_tokenizer, seed=config.seed).to(config.resources.device)
+    if bilevel.policy_layers:
+        adapt_last_layers(policy, bilevel.policy_layers)
     epoch_steps = max(1, sum(len(d.query) for d in domains) // bilevel.query_pairs)
     return BilevelSetup(BilevelPolicy(policy, bilevel.beta, bilevel.inner_lr, bilevel.difference_step),
                         BilevelBatches(domains, bilevel, config.data, policy_tokenizer, reward_tokenizer, config.seed,
