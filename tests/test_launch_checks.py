@@ -27,7 +27,7 @@ def shapes_for(*overrides):
 
 def test_prompt_and_response_past_the_policy_positions_are_refused_naming_both():
     config, shapes = shapes_for("policy.tiny.max_position_embeddings=20")
-    with pytest.raises(ConfigError, match=r"^data.max_prompt_tokens \+ rollout.max_new_tokens = 32 tokens, but the policy "
+    with pytest.raises(ConfigError, match=r"^data.max_prompt_tokens \+ rollout.max_new_tokens = 22 tokens, but the policy "
                                           r"covers 20 positions"):
         check_sequence_lengths(config, shapes)
     check_sequence_lengths(*shapes_for("policy.tiny.max_position_embeddings=32"))  # 16 + 16 fits exactly
