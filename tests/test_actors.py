@@ -59,12 +59,17 @@ def test_rollout_workers_generate_with_the_new_weights_after_a_ppo_update(tmp_pa
         def worker_greedy():  # temperature 0: greedy, on every worker
             return [ray.get(w.generate.remote(prompts, 1, 0.0, 0)).response_ids for w in actors.rollout_workers]
 
-        before = worker_greedy()
+        def worker_sampled():  # temperature 1, one seed: moves with any change of the distribution, not only its argmax
+            return ray.get(actors.rollout_workers[0].generate.remote(prompts, 4, 1.0, 7)).response_ids
+
+        before, sampled_before = worker_greedy(), worker_sampled()
+        assert worker_sampled() == sampled_before  # one seed, one sample: the comparison below can fail
         assert before == [actors.ppo_trainer.on_every_rank(lambda rank: rank.greedy_decode.remote(prompts))[0]] * workers
         pipeline.ppo_step(1, 1)  # a PPO update, then the sync
         after = worker_greedy()
         assert after == [actors.ppo_trainer.on_every_rank(lambda rank: rank.greedy_decode.remote(prompts))[0]] * workers
-        assert after[0] != before[0]  # the update (lr 1e-2) changed what the policy says
+        # the update (lr 1e-2) changed what the policy says (its greedy answers can all stay the end token)
+        assert worker_sampled() != sampled_before
     finally:
         pipeline.close()
         actors.stop()
