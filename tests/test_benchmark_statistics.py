@@ -51,10 +51,22 @@ def test_experiment_a_pairs_metarm_with_vanilla_of_the_same_seed():
         return experiment_a.Run("hh-helpful-harmless", variant, seed, [], Path("."), {"target_accuracy": target})
 
     runs = [run("vanilla", 0, 0.50), run("vanilla", 1, 0.60), run("metarm", 0, 0.55), run("metarm", 1, 0.58),
-            run("metarm", 2, 0.90)]  # seed 2 has no vanilla partner: left out
-    (row,) = experiment_a.paired(runs)
-    assert row["seeds"] == [0, 1] and row["deltas"] == pytest.approx([0.05, -0.02])
-    assert row["mean"] == pytest.approx(0.015) and (row["metarm_better"], row["vanilla_better"]) == (1, 1)
+            run("metarm", 2, 0.90), run("bilevel", 1, 0.70)]  # seed 2 has no vanilla partner: left out
+    metarm, bilevel = experiment_a.paired(runs)
+    assert metarm["seeds"] == [0, 1] and metarm["deltas"] == pytest.approx([0.05, -0.02])
+    assert metarm["mean"] == pytest.approx(0.015) and (metarm["method_better"], metarm["vanilla_better"]) == (1, 1)
+    assert bilevel["variant"] == "bilevel" and bilevel["deltas"] == pytest.approx([0.10])
+
+
+def test_experiment_a_plans_bilevel_on_each_pairs_domains_and_the_leave_subreddits_out_pair():
+    args = experiment_a.parse_args(["--out", "x", "--bilevel", "--seeds", "0", "--pairs", "hh-helpful-harmless", "tldr-subreddits"])
+    runs = experiment_a.plan_runs(args, Path("out"))
+    assert [(r.pair, r.variant) for r in runs] == [(pair, variant) for pair in ("hh-helpful-harmless", "tldr-subreddits")
+                                                   for variant in ("vanilla", "metarm", "bilevel")]
+    hh_bilevel, subreddits_bilevel = runs[2], runs[5]
+    assert {"reward.method=bilevel", "reward.bilevel.domain_by=none", "reward.bilevel.policy_layers=2"} <= set(hh_bilevel.overrides)
+    assert "reward.bilevel.domain_by=subreddit" in subreddits_bilevel.overrides
+    assert all("data.preference.exclude_subreddits=[AskReddit, tifu, personalfinance, legaladvice]" in r.overrides for r in runs[3:])
 
 
 def test_compare_runs_ignores_what_the_machine_measured_and_finds_the_rest(tmp_path):
