@@ -289,3 +289,24 @@ def test_a_domain_split_that_does_not_fit_the_data_is_refused_naming_both():
         load_config("conf/rm_tiny.yaml", ["reward.method=bilevel"])
     load_config("conf/rm_tiny.yaml", ["reward.method=bilevel", "reward.bilevel.domain_by=topic"])
     load_config("conf/rm_tldr.yaml", ["reward.method=bilevel"])
+
+
+def test_a_named_domain_that_is_the_preference_data_leaves_its_held_out_prompts_out():
+    """A bilevel domain named by the same source as data.preference keeps to its training split: the RM's held-out
+    accuracy is measured on prompts bilevel training never saw; another source's domain keeps every prompt."""
+    from rayrlhf.config import load_config
+    from rayrlhf.data.domains import named_domains
+    from rayrlhf.data.sources import load_preference_pairs, split_by_prompt
+
+    config = load_config("conf/rm_tiny.yaml", ["reward.method=bilevel", "reward.bilevel.domain_by=topic"])
+    data, bilevel = config.data, config.reward.bilevel
+    other = data.preference.model_copy(update={"max_records": 40})  # not applied to synthetic: the same pairs, unequal source
+    bilevel = bilevel.model_copy(update={"domains": {"same": data.preference, "other": other}, "min_prompts": 2})
+    same, other_domain = named_domains(data, bilevel, 2, config.seed)
+    pairs = load_preference_pairs(data.preference, data.synthetic, config.seed).pairs
+    train, held_out = split_by_prompt(pairs, data.eval_fraction, config.seed)
+    seen = {group["prompt"] for group in same.support} | {pair["prompt"] for pair in same.query}
+    assert held_out.num_rows > 0 and seen == set(train["prompt"])
+    assert {pair["prompt_id"] for pair in same.query}.isdisjoint(held_out["prompt_id"])
+    other_seen = {group["prompt"] for group in other_domain.support} | {pair["prompt"] for pair in other_domain.query}
+    assert other_seen == set(pairs["prompt"])

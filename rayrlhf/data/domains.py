@@ -45,10 +45,14 @@ def split_domains(pairs: datasets.Dataset, bilevel: BilevelConfig, samples_per_p
 
 
 def named_domains(data: DataConfig, bilevel: BilevelConfig, samples_per_prompt: int, seed: int) -> List[Domain]:
-    """One domain per source of bilevel.domains."""
+    """One domain per source of bilevel.domains; a source that is data.preference gives its training split only, so
+    the RM's held-out prompts stay out of bilevel training as they do without named domains."""
     domains = []
     for name, source in bilevel.domains.items():
-        rows = list(load_preference_pairs(source, data.synthetic, seed).pairs)
+        pairs = load_preference_pairs(source, data.synthetic, seed).pairs
+        if source == data.preference:
+            pairs, _ = split_by_prompt(pairs, data.eval_fraction, seed)
+        rows = list(pairs)
         if (domain := halve(name, rows, bilevel.min_prompts, samples_per_prompt, seed)) is not None:
             domains.append(domain)
     return domains
