@@ -44,6 +44,19 @@ def workload(args) -> list:
     ]
 
 
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """The workload's flags (also benchmarks/ppo_vs_trl.py's)."""
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=6, help="counted PPO steps per run (one more warms up)")
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--engine", default="auto", choices=["auto", "vllm", "hf"])
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: ../shared/tokenizers/gpt2)")
+
+
 def run_variant(overrides: list, run_dir: Path) -> list:
     """Every counted PPO step's metrics of one whole run."""
     command = [sys.executable, "-m", "rayrlhf.run", "conf/tiny.yaml", f"run_dir={run_dir}", *overrides]
@@ -56,15 +69,7 @@ def run_variant(overrides: list, run_dir: Path) -> list:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=6, help="counted PPO steps per run (one more warms up)")
-    parser.add_argument("--prompts", type=int, default=16)
-    parser.add_argument("--prompt-tokens", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--engine", default="auto", choices=["auto", "vllm", "hf"])
-    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: ../shared/tokenizers/gpt2)")
+    add_workload_arguments(parser)
     parser.add_argument("--variant", action="append", default=None, metavar="NAME=OVERRIDES",
                         help="a named variant: space-separated config overrides (repeatable)")
     args = parser.parse_args()
