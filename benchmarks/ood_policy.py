@@ -42,7 +42,9 @@ POLICY_METRICS = ("win_rate", "tie_rate", "lose_rate", "judge_score", "kl_to_ini
 @dataclass(frozen=True)
 class Setting:
     config: str
-    judge_config: str
+    """The run's config (its policy, prompts and data.target_eval)."""
+    rm_config: str
+    """The MiniLM RM config whose preference data are the source domain: the proxy's, and the judge's with judge_overrides."""
     judge_overrides: Tuple[str, ...]
     """What the judge trains on and where its accuracy is measured (`judge_accuracy`: target_accuracy or eval_accuracy)."""
     judge_accuracy: str
@@ -120,7 +122,7 @@ def train_reward_model(config: str, folder: Path, overrides: Sequence[str], reus
 
 
 def train_judge(setting: Setting, args: argparse.Namespace, out: Path) -> Dict[str, object]:
-    judge = train_reward_model(setting.judge_config, out / "judge", [f"reward.max_steps={args.judge_steps}",
+    judge = train_reward_model(setting.rm_config, out / "judge", [f"reward.max_steps={args.judge_steps}",
                                "data.max_prompt_tokens=64", "data.max_response_tokens=32", *setting.judge_overrides], args.reuse)
     pairs = judge["target_pairs" if setting.judge_accuracy == "target_accuracy" else "eval_pairs"]
     return {**judge, "accuracy": judge[setting.judge_accuracy], "pairs": pairs, "measured_on": setting.judge_accuracy}
@@ -129,7 +131,7 @@ def train_judge(setting: Setting, args: argparse.Namespace, out: Path) -> Dict[s
 def train_proxy(setting: Setting, args: argparse.Namespace, out: Path) -> Dict[str, object]:
     """The runs' RM: the setting's source domain only (the judge config's preference data), args.rm_steps steps, its
     accuracy on the target domain measured where the config names one."""
-    return train_reward_model(setting.judge_config, out / "proxy", [f"reward.max_steps={args.rm_steps}",
+    return train_reward_model(setting.rm_config, out / "proxy", [f"reward.max_steps={args.rm_steps}",
                               "data.max_prompt_tokens=96", "data.max_response_tokens=24", "reward.epochs=2"], args.reuse)
 
 
