@@ -2,7 +2,7 @@
 KL, trained on one domain's prompts and judged on another domain's prompts, paired over seeds.
 
     .venv/bin/python benchmarks/ood_policy.py --setting tldr-cnndm --seeds 0 1 --out DIR
-        [--arms ppo gil gil_no_dynamic_kl] [--rounds 2] [--steps 4] [--policy-lr 1e-5] [--prompts 24]
+        [--arms ppo gil gil_no_dynamic_kl] [--rounds 1] [--steps 4] [--policy-lr 1e-5] [--prompts 24] [--samples 2]
         [--rm-steps 100] [--judge-steps 100] [--reuse] [--set key=value ...]
 
 Settings (the run's config; its prompts; the prompts it is judged on):
@@ -49,6 +49,8 @@ class Setting:
     """What the judge trains on and where its accuracy is measured (`judge_accuracy`: target_accuracy or eval_accuracy)."""
     judge_accuracy: str
     description: str
+    eval_overrides: Tuple[str, ...] = ()
+    """What the evaluation adds to the run's config (e.g. every target prompt, where the run's config caps them)."""
 
 
 SETTINGS: Dict[str, Setting] = {
@@ -57,7 +59,9 @@ SETTINGS: Dict[str, Setting] = {
     "tldr-cnndm": Setting("conf/tldr_cpu.yaml", "conf/rm_tldr.yaml",
                           ("data.preference={format: tldr, path: data/tldr/comparisons_batch13.jsonl}", "data.eval_fraction=0.1",
                            "data.target_eval={format: tldr, path: data/tldr/comparisons_cnndm0.jsonl}", "reward.epochs=3"),
-                          "target_accuracy", "TL;DR posts -> CNN/DM articles"),
+                          "target_accuracy", "TL;DR posts -> CNN/DM articles",
+                          # the run's config keeps 64 CNN/DM pairs, which are 6 articles: judge on all 45
+                          ("data.target_eval.max_records=null",)),
     # an RM of the target domain's labels (HH harmless-base, 2 epochs), measured on a held-out fifth of them: a
     # helpfulness RM ranks harmless pairs below chance (docs/results.md, Experiment A)
     "hh-helpful-harmless": Setting("conf/hh_cpu.yaml", "conf/rm_hh.yaml",
@@ -73,11 +77,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument("--out", required=True)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--steps", type=int, default=4, help="ppo.steps_per_round")
     parser.add_argument("--policy-lr", type=float, default=1e-5,
                         help="ppo.policy_lr (the configs' 5e-7 barely moves a policy in a few CPU-sized steps)")
     parser.add_argument("--prompts", type=int, default=24, help="target prompts each policy answers when judged")
+    parser.add_argument("--samples", type=int, default=2, help="responses per judged prompt (evaluation.samples_per_prompt)")
     parser.add_argument("--rm-steps", type=int, default=100,
                         help="the proxy RM's steps on the source domain (30 left it at chance: 0.51 held out)")
     parser.add_argument("--judge-steps", type=int, default=100, help="the judge's reward.max_steps")
@@ -90,11 +95,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def size_overrides(args: argparse.Namespace, proxy_folder: str) -> List[str]:
     """What shrinks the setting's config to minutes on a CPU (the same for every arm): SmolLM2 stays the policy
     and the critic; the RM is the proxy (MiniLM, trained once on the source domain by train_proxy) and stays frozen,
-    so the arms differ in the policy's training only; prompts cut to their last 96 tokens, 24 new tokens, PPO
-    without gradient checkpointing (these sequences are short)."""
+    so the arms differ in the policy's training only; prompts cut to their last 64 tokens, 24 new tokens, PPO
+    without gradient checkpointing (these sequences are short), 4 prompts of meta samples (the round's
+    reward-difference diagnostics only: the RM is not trained)."""
     return [f"rounds={args.rounds}", f"ppo.steps_per_round={args.steps}", f"ppo.policy_lr={args.policy_lr!r}",
-            "rollout.engine=hf", "rollout.max_new_tokens=24", "data.max_prompt_tokens=96", "data.max_response_tokens=24",
-            f"reward_model={{source: {proxy_folder}}}", "ppo.critic_from_reward_model=false", "reward.method=vanilla",
+            "rollout.engine=hf", "rollout.max_new_tokens=24", "data.max_prompt_tokens=64", "data.max_response_tokens=24",
+            "reward.meta_prompts_per_round=4", f"reward_model={{source: {proxy_folder}}}", "ppo.critic_from_reward_model=false",
+            "reward.method=vanilla",
             "reward.initial_epochs=0", "reward.train_each_round=false", "ppo.gradient_checkpointing=false",
             "ppo.micro_batch_size=4", "ppo.forward_micro_batch_size=8", "evaluation.every_rounds=0", *args.extra]
 
@@ -132,23 +139,26 @@ def train_proxy(setting: Setting, args: argparse.Namespace, out: Path) -> Dict[s
     """The runs' RM: the setting's source domain only (the judge config's preference data), args.rm_steps steps, its
     accuracy on the target domain measured where the config names one."""
     return train_reward_model(setting.rm_config, out / "proxy", [f"reward.max_steps={args.rm_steps}",
-                              "data.max_prompt_tokens=96", "data.max_response_tokens=24", "reward.epochs=2"], args.reuse)
+                              "data.max_prompt_tokens=64", "data.max_response_tokens=24", "reward.epochs=2"], args.reuse)
 
 
 def run_arm(setting: Setting, arm: str, seed: int, judge: str, proxy: str, args: argparse.Namespace, out: Path
             ) -> Dict[str, object]:
-    """One run and its judged evaluation; the final policy's row of evaluation.json, or an error."""
+    """One run and its judged evaluation; the final policy's row of evaluation.json, or an error. With args.reuse a
+    finished run is kept, and so is its evaluation."""
     run_dir = out / "runs" / arm / f"seed{seed}"
     report = run_dir / "evaluation" / "evaluation.json"
     started = time.perf_counter()
-    if not (args.reuse and report.is_file()):
+    if not (args.reuse and (run_dir / "policy" / "config.json").is_file()):
         run = [sys.executable, "-m", "rayrlhf.run", setting.config, *size_overrides(args, proxy), *ARMS[arm], f"seed={seed}",
                f"run_dir={run_dir}"]
         if run_logged(run, out / "logs" / f"{arm}_seed{seed}_run.log"):
             return {"error": f"run failed: {out / 'logs' / f'{arm}_seed{seed}_run.log'}"}
+        report.unlink(missing_ok=True)
+    if not report.is_file():
         evaluate = [sys.executable, "-m", "rayrlhf.eval", str(run_dir), "evaluation.prompt_set=target",
                     "evaluation.judge=reward_model", f"evaluation.judge_model={judge}", f"evaluation.prompts={args.prompts}",
-                    "evaluation.embeddings=false"]
+                    f"evaluation.samples_per_prompt={args.samples}", "evaluation.embeddings=false", *setting.eval_overrides]
         if run_logged(evaluate, out / "logs" / f"{arm}_seed{seed}_eval.log"):
             return {"error": f"evaluation failed: {out / 'logs' / f'{arm}_seed{seed}_eval.log'}"}
     final = json.loads(report.read_text())["policies"]["final"]

@@ -4,6 +4,7 @@ invocation (issue 20).
     .venv/bin/python benchmarks/ppo_vs_trl.py [--repeats 3] [--steps 6] [--out benchmarks/results/ppo_vs_trl.md]
         [--trl-venv .venv-trl] [--prompts 16] [--prompt-tokens 32] [--new-tokens 32] [--layers 4] [--width 256]
         [--lr 3e-6] [--kl-coef 0.05] [--engine auto|vllm|hf] [--rayrlhf-set KEY=VALUE ...]
+        [--variant NAME="KEY=VALUE KEY=VALUE" ...]
 
 The workload (the issue's): a 4-layer, 256-wide Llama-shaped policy, value model and reward model (random
 initialisation, the GPT-2 tokenizer's 50,257 tokens), 16 TL;DR prompts cut to their last 32 tokens, 32 new tokens
@@ -13,8 +14,9 @@ rayrlhf: a whole `python -m rayrlhf.run` (benchmarks/ppo_throughput.py's workloa
 rollout engine); a step = generation + scoring + PPO update + weight sync, from its metrics.jsonl. TRL: one
 process of benchmarks/trl_ppo_side.py in TRL's own venv (created here on first use with TRL 1.12.0, the last TRL
 with PPO, and this venv's torch, transformers, accelerate and datasets versions); an iteration = the time between
-two step ends. The two run alternately, `--repeats` times each, so the machine's noise hits both alike; each run's
-first step warms up and is not counted. Samples/s = rollout rows / step seconds. Peak memory: TRL's process;
+two step ends. `--variant` adds rayrlhf configurations (one change at a time, e.g. `async="rollout.asynchronous=true"`)
+beside the plain one. TRL and every variant run alternately, `--repeats` times each, so the machine's noise hits all
+alike; each run's first step warms up and is not counted. Samples/s = rollout rows / step seconds. Peak memory: TRL's process;
 rayrlhf's largest actor and the sum over its actors (each actor is its own process).
 """
 import argparse
@@ -48,7 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--mini-batches", type=int, default=2)
     parser.add_argument("--trl-venv", default=str(ROOT / ".venv-trl"))
     parser.add_argument("--rayrlhf-set", action="append", default=[], metavar="KEY=VALUE",
-                        help="an extra override of the rayrlhf run (repeatable)")
+                        help="an extra override of every rayrlhf run (repeatable)")
+    parser.add_argument("--variant", action="append", default=[], metavar='NAME="KEY=VALUE ..."',
+                        help="a rayrlhf variant beside the plain one: space-separated overrides (repeatable)")
     parser.add_argument("--out", default=None, help="also write the markdown report here")
     return parser.parse_args(argv)
 
@@ -119,24 +123,32 @@ def summary(steps: List[Dict[str, float]], phases) -> Dict[str, float]:
     return result
 
 
-def markdown(args, rayrlhf: Dict[str, float], trl: Dict[str, float], wall: float, command: str) -> str:
-    ratio = rayrlhf["samples_per_second"] / trl["samples_per_second"]
-    phases_rayrlhf = ", ".join(f"{p.removesuffix('_seconds')} {rayrlhf[p.removesuffix('_seconds')]:.3f}" for p in PHASES)
+def markdown(args, variants: Dict[str, Dict[str, float]], trl: Dict[str, float], wall: float, command: str) -> str:
     phases_trl = ", ".join(f"{p} {trl[p]:.3f}" for p in TRL_PHASES)
-    return "\n".join([
+    lines = [
         f"# PPO step: rayrlhf vs TRL {TRL_VERSION}", "",
         f"`{command}`, {time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores, "
         f"{platform.platform()}; {args.repeats} runs of each, alternating, {args.steps} counted steps per run "
         f"({wall:.0f} s in all). Workload: {args.prompts} TL;DR prompts x {args.prompt_tokens} tokens, {args.new_tokens} "
         f"new tokens at temperature {args.temperature}, {args.layers} layers x {args.width} wide Llama-shaped policy, "
         f"value and reward models, 1 PPO epoch of {args.mini_batches} mini-batches, lr {args.lr}, kl {args.kl_coef}, "
-        f"float32; rayrlhf engine `{args.engine}`.", "",
+        f"float32 unless a variant says otherwise; rayrlhf engine `{args.engine}`.", "",
         "| | samples/s median (range) | vs TRL | phases, median s | peak memory GB |", "|---|---|---|---|---|",
         f"| TRL {TRL_VERSION} PPOTrainer | {trl['samples_per_second']:.2f} ({trl['min']:.2f}-{trl['max']:.2f}) | 1.00x | "
-        f"{phases_trl} | {trl['peak_memory_gb']:.2f} (one process) |",
-        f"| rayrlhf | {rayrlhf['samples_per_second']:.2f} ({rayrlhf['min']:.2f}-{rayrlhf['max']:.2f}) | {ratio:.2f}x | "
-        f"{phases_rayrlhf} | {rayrlhf['peak_memory_gb']:.2f} largest actor, {rayrlhf['peak_memory_gb_actors']:.2f} all actors |",
-    ])
+        f"{phases_trl} | {trl['peak_memory_gb']:.2f} (one process) |"]
+    for name, result in variants.items():
+        ratio = result["samples_per_second"] / trl["samples_per_second"]
+        phases = ", ".join(f"{p.removesuffix('_seconds')} {result[p.removesuffix('_seconds')]:.3f}" for p in PHASES)
+        lines.append(f"| {name} | {result['samples_per_second']:.2f} ({result['min']:.2f}-{result['max']:.2f}) | {ratio:.2f}x | "
+                     f"{phases} | {result['peak_memory_gb']:.2f} largest actor, {result['peak_memory_gb_actors']:.2f} all actors |")
+    lines += ["", "Variants (overrides on top of the workload): "
+              + "; ".join(f"{name}: `{extra or '-'}`" for name, extra in rayrlhf_variants(args).items()) + "."]
+    return "\n".join(lines)
+
+
+def rayrlhf_variants(args) -> Dict[str, str]:
+    """The rayrlhf configurations measured: the plain one and each --variant, as name -> space-separated overrides."""
+    return {"rayrlhf": "", **dict(v.split("=", 1) for v in args.variant)}
 
 
 def main(argv=None) -> int:
@@ -150,19 +162,22 @@ def main(argv=None) -> int:
               "layers": args.layers, "max_positions": 512, "prompts": args.prompts, "steps": args.steps,
               "mini_batches": args.mini_batches, "epochs": 1, "lr": args.lr, "new_tokens": args.new_tokens,
               "temperature": args.temperature, "kl_coef": args.kl_coef, "seed": 0}
-    steps: Dict[str, list] = {"rayrlhf": [], "trl": []}
+    variants = rayrlhf_variants(args)
+    steps: Dict[str, list] = {"trl": [], **{name: [] for name in variants}}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         workload_file = Path(folder) / "workload.json"
         workload_file.write_text(json.dumps(shared))
         for repeat in range(args.repeats):
             steps["trl"] += run_trl(python, workload_file, Path(folder) / f"trl_{repeat}.json")
-            steps["rayrlhf"] += run_rayrlhf(args, overrides, Path(folder) / f"rayrlhf_{repeat}")
-            print(f"repeat {repeat + 1}/{args.repeats}: TRL {steps['trl'][-1]['samples_per_second']:.2f}, rayrlhf "
-                  f"{steps['rayrlhf'][-1]['samples_per_second']:.2f} samples/s (last step)", file=sys.stderr, flush=True)
+            for index, (name, extra) in enumerate(variants.items()):
+                steps[name] += run_rayrlhf(args, overrides + extra.split(), Path(folder) / f"rayrlhf_{repeat}_{index}")
+            print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(f"{name} {s[-1]['samples_per_second']:.2f}"
+                  for name, s in steps.items()) + " samples/s (last step)", file=sys.stderr, flush=True)
     command = " ".join([".venv/bin/python", "benchmarks/ppo_vs_trl.py", *(sys.argv[1:] if argv is None else argv)])
-    text = markdown(args, summary(steps["rayrlhf"], [p.removesuffix("_seconds") for p in PHASES]),
-                    summary(steps["trl"], TRL_PHASES), time.perf_counter() - started, command)
+    phases = [p.removesuffix("_seconds") for p in PHASES]
+    text = markdown(args, {name: summary(steps[name], phases) for name in variants}, summary(steps["trl"], TRL_PHASES),
+                    time.perf_counter() - started, command)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")

@@ -427,6 +427,17 @@ class PPOConfig(Schema):
     reward.gradient_checkpointing)."""
     critic_from_reward_model: bool = True
     """Initialise the critic from the trained RM (the paper); needs policy and RM to share a tokenizer."""
+    old_log_probs: Literal["trainer", "engine"] = "trainer"
+    """Where log π_old comes from: `trainer`, a no-gradient pass of the policy over the rollout; `engine`, the rollout
+    engine's own log-probs, which saves that pass (one policy forward per step) and is right where the two agree:
+    the step's `logprob_mismatch` is then measured in the first mini-batch's update pass (still at π_old), and
+    `entropy` comes from the update passes. With rollout.asynchronous the clip's trust region is then around the
+    sampling policy, and the importance weights are 1."""
+    behaviour_ratio_cap: Optional[float] = Field(None, ge=1)
+    """Truncated importance sampling of the policy loss (rayrlhf/algos/ppo.py, truncated_importance_weights): each
+    token's clipped surrogate weighted by min(π_old / π_engine, cap), π_engine the rollout engine's log-probs. It
+    corrects for samples drawn from another policy than π_old: one update behind with rollout.asynchronous, or a
+    numerically different engine. Unset: 2.0 with rollout.asynchronous, off otherwise."""
     group_invariant: GroupInvariantConfig = GroupInvariantConfig()
     """Group invariant policy learning (Zheng et al. 2023; docs/methods.md): off unless enabled."""
 
@@ -477,6 +488,11 @@ class RolloutConfig(Schema):
     IPC handles, for a trainer and workers sharing one GPU."""
     weight_sync_bucket_mb: float = Field(64, gt=0)
     """Weights go to the rollout workers in buckets of about this size, one at a time."""
+    asynchronous: bool = False
+    """Generate a PPO step's rollout while the trainer updates on the previous one (OpenRLHF's and veRL's one-step
+    off-policy async mode): every step of a round but its first trains on samples of the policy one update behind,
+    weighted by ppo.behaviour_ratio_cap's truncated importance weights. Rounds do not overlap: meta data, the RM
+    phase and a round's first rollout see the current policy, and a checkpoint holds no rollout in flight."""
 
 
 class ResourcesConfig(Schema):
@@ -645,6 +661,8 @@ class RunConfig(Schema):
                 "Use reward.zero_stage 0-2 or reward.order='first'"
             )
         self._judge_exists()
+        if self.rollout.asynchronous and self.ppo.behaviour_ratio_cap is None:
+            self.ppo.behaviour_ratio_cap = 2.0  # an asynchronous rollout is one update behind: correct for it
         return self
 
     def _judge_exists(self) -> None:

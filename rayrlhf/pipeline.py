@@ -50,6 +50,14 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class PendingRollout:
+    """A generation asked of the rollout workers and not yet collected: per worker (index, handle, the generate
+    call's arguments, its future)."""
+
+    parts: List[Tuple[int, object, tuple, object]]
+
+
 def logprob_mismatch_warning(mismatch: float, threshold: float, step: int) -> Optional[str]:
     """The warning for a PPO step whose engine and trainer log-probs differ by more than `threshold`, else None."""
     if mismatch <= threshold:
@@ -324,9 +332,11 @@ class Pipeline:
         ppo_steps = self.config.ppo.steps_per_round
         step_metrics = []
         self.reward_moments.reset()  # the RM just changed: its scores have a new scale
+        prefetched = None  # asynchronous mode: the next step's rollout, generated during this step's update
         for step in range(1, ppo_steps + 1):
             bar.set_postfix_str(f"PPO step {step}/{ppo_steps}")
-            step_metrics.append(self.ppo_step(round_index, step))
+            metrics, prefetched = self.ppo_step(round_index, step, prefetched)
+            step_metrics.append(metrics)
             bar.update()
         return {name: sum(m[name] for m in step_metrics) / len(step_metrics) for name in step_metrics[0]}
 
@@ -339,16 +349,29 @@ class Pipeline:
         return {**peaks, "peak_memory_gb": max(peaks.values())}
 
     def generate(self, prompts: List[str], n: int, seed: int, round_index: int) -> Rollout:
-        """n samples per prompt, the prompts split contiguously over the rollout workers. A worker whose
-        process died is restarted by Ray; it then gets the current weights and redoes its part, with the
-        same seed, so the batch is the one it would have been."""
+        """n samples per prompt, the prompts split contiguously over the rollout workers."""
+        return self.finish_generation(self.start_generation(prompts, n, seed, round_index))
+
+    def start_generation(self, prompts: List[str], n: int, seed: int, round_index: int) -> "PendingRollout":
+        """Ask the rollout workers for n samples per prompt (each worker a contiguous share of the prompts) without
+        waiting for them; finish_generation collects them."""
         workers = self.actors.rollout_workers
         share = -(-len(prompts) // len(workers))
-        parts = [(i, w, prompts[i * share : (i + 1) * share]) for i, w in enumerate(workers)]
         temperature = self.config.rollout.temperature
-        futures = [(i, w, part, w.generate.remote(part, n, temperature, worker_seed(seed, i), round_index)) for i, w, part in parts if part]
+        parts = []
+        for i, worker in enumerate(workers):
+            part = prompts[i * share : (i + 1) * share]
+            if part:
+                request = (part, n, temperature, worker_seed(seed, i), round_index)
+                parts.append((i, worker, request, worker.generate.remote(*request)))
+        return PendingRollout(parts)
+
+    def finish_generation(self, pending: "PendingRollout") -> Rollout:
+        """The samples start_generation asked for. A worker whose process died is restarted by Ray; it then gets
+        the current weights and redoes its part, with the same seed, so the batch is the one it would have been
+        (in asynchronous mode, with the weights of one update later)."""
         results = []
-        for i, worker, part, future in futures:
+        for i, worker, request, future in pending.parts:
             try:
                 results.append(ray.get(future))
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as error:
@@ -357,7 +380,7 @@ class Pipeline:
                     raise
                 logger.warning("rollout worker %d died (%s); restarted, re-synced, regenerating its part", i, type(error).__name__)
                 self.weight_sync.resync(worker)
-                results.append(ray.get(worker.generate.remote(part, n, temperature, worker_seed(seed, i), round_index)))
+                results.append(ray.get(worker.generate.remote(*request)))
         return Rollout.concatenate(results)
 
     def save_samples(self, round_index: int, groups, rewards_before: torch.Tensor, rewards: torch.Tensor) -> None:
@@ -385,22 +408,26 @@ class Pipeline:
             results["policy_gold_reward"] = gold.mean().item()
         return results, rewards
 
-    def ppo_step(self, round_index: int, step: int) -> Dict[str, float]:
+    def ppo_step(self, round_index: int, step: int, prefetched: Optional[Rollout] = None
+                 ) -> Tuple[Dict[str, float], Optional[Rollout]]:
+        """One PPO step: rollout (or the one `prefetched` during the previous step's update), scores, update, weight
+        sync. With rollout.asynchronous the next step's rollout is generated during this update, on the weights
+        before it, and returned with the metrics. generation_seconds is the time the step waited for generation."""
         config = self.config
         self.global_step += 1
         timings: Dict[str, float] = {}
         started = time.perf_counter()
-        rng = random.Random(loop_seed(config.seed, Stream.PPO_PROMPTS, round_index, step))
-        prompts = rng.sample(self.prompts.train, config.ppo.rollout_batch_size)
-        rollout = self.generate(prompts, config.rollout.n_per_prompt,
-                                loop_seed(config.seed, Stream.PPO_SAMPLING, round_index, step), round_index)
+        rollout = prefetched or self.finish_generation(self.start_step_generation(round_index, step))
         timings["generation_seconds"] = time.perf_counter() - started
-        timings["generation_tokens_per_second"] = rollout.num_tokens / timings["generation_seconds"]
+        if not config.rollout.asynchronous:  # asynchronous: the generation's own time is hidden behind the update
+            timings["generation_tokens_per_second"] = rollout.num_tokens / timings["generation_seconds"]
 
         started = time.perf_counter()
         scores = self.actors.reward_learner.score(rollout.prompt_texts, rollout.response_texts)
         timings["scoring_seconds"] = time.perf_counter() - started
 
+        ahead = (self.start_step_generation(round_index, step + 1)
+                 if config.rollout.asynchronous and step < config.ppo.steps_per_round else None)
         started = time.perf_counter()
         kl_coefficient = self.kl.value
         with where_in_run(f"round {round_index}, PPO step {step} (global step {self.global_step})"):
@@ -410,6 +437,9 @@ class Pipeline:
         timings["ppo_tokens_per_second"] = rollout.num_tokens * config.ppo.epochs / timings["ppo_seconds"]
         self.kl.update(metrics["kl_per_sequence"], len(rollout))
 
+        started = time.perf_counter()
+        next_rollout = self.finish_generation(ahead) if ahead else None  # before the sync, which must not change its weights
+        timings["generation_seconds"] += time.perf_counter() - started
         started = time.perf_counter()
         self.weight_sync.push()
         timings["weight_sync_seconds"] = time.perf_counter() - started
@@ -421,9 +451,17 @@ class Pipeline:
             metrics["gold_reward"] = sum(map(self.task.gold_reward, rollout.prompt_texts, rollout.response_texts)) / len(rollout)
         self.metrics.log("ppo", self.global_step, {"round": round_index, "kl_coefficient": kl_coefficient, **metrics})
         warning = logprob_mismatch_warning(metrics["logprob_mismatch"], config.rollout.logprob_mismatch_warning, self.global_step)
-        if warning:
+        if warning and prefetched is None:  # a prefetched rollout is one update behind: its mismatch is the lag
             logger.warning(warning)
-        return metrics
+        return metrics, next_rollout
+
+    def start_step_generation(self, round_index: int, step: int) -> "PendingRollout":
+        """Start the rollout of PPO step `step`: rollout_batch_size training prompts, n_per_prompt samples each."""
+        config = self.config
+        rng = random.Random(loop_seed(config.seed, Stream.PPO_PROMPTS, round_index, step))
+        prompts = rng.sample(self.prompts.train, config.ppo.rollout_batch_size)
+        return self.start_generation(prompts, config.rollout.n_per_prompt,
+                                     loop_seed(config.seed, Stream.PPO_SAMPLING, round_index, step), round_index)
 
     def ppo_rewards(self, scores: List[float]) -> List[float]:
         """The RM's scores as PPO's sequence rewards (before clipping): normalised by the running moments of

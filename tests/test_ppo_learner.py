@@ -94,3 +94,28 @@ def test_sft_step_in_micro_batches_equals_the_whole_batch_step(distributed):
     assert micro_norm == pytest.approx(whole_norm, rel=1e-5) and whole_norm > 0
     # Adam's first step is about lr·sign(g): a gradient that is float noise may flip, so 1% of lr
     torch.testing.assert_close(micro, whole, atol=1e-4, rtol=0)
+
+
+def test_engine_log_probs_as_old_log_probs_give_the_trainer_pass_update(distributed):
+    """ppo.old_log_probs=engine on a rollout whose engine log-probs are the trainer pass's own: the same update as
+    the trainer pass gives; the first update's pass measures a mismatch of zero and the entropy of π_old."""
+    rollout, tokenizer = rollout_and_tokenizer()
+    trainer = learner(tokenizer)
+    trainer_experience = trainer.experience(rollout, SCORES, kl_coefficient=0.05)
+    trainer_trained = trainer.train(trainer_experience, seed=7)
+    old = [row[:n].tolist() for row, n in zip(trainer_experience.old_log_probs, LENGTHS)]
+    engine_rollout = Rollout(rollout.prompt_texts, rollout.prompt_ids, rollout.response_ids, rollout.response_texts, old, 2)
+    engine = learner(tokenizer, old_log_probs="engine")
+    experience = engine.experience(engine_rollout, SCORES, kl_coefficient=0.05)
+    assert experience.entropy is None
+    trained = engine.train(experience, seed=7)
+    for name in ("advantages", "returns", "kl"):
+        torch.testing.assert_close(getattr(experience, name), getattr(trainer_experience, name), atol=1e-6, rtol=0)
+    for (name, tensor), other in zip(trainer.policy.module.named_parameters(), engine.policy.module.parameters()):
+        torch.testing.assert_close(other, tensor, atol=1e-6, rtol=0, msg=name)
+    assert trained["policy_loss"] == pytest.approx(trainer_trained["policy_loss"], abs=1e-6)
+    assert trained["logprob_mismatch"] == pytest.approx(0.0, abs=1e-5)
+    # the updates' entropy: the first at π_old, the second after one small step (lr 1e-3): near the trainer pass's
+    summary = engine.summarise(experience, trained)
+    trainer_entropy = trainer.summarise(trainer_experience, trainer_trained)["entropy"]
+    assert summary["entropy"] == pytest.approx(trainer_entropy, rel=0.05) and summary["logprob_mismatch"] < 1e-5

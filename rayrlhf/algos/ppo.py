@@ -3,7 +3,7 @@
 Shapes: B sequences, T response tokens; `mask` (B, T) is 1 on real response tokens, 0 on padding.
 Each loss returns (loss, metrics) so callers log what people look at (clip fraction, approx KL).
 """
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -36,27 +36,40 @@ def generalized_advantage_estimation(
 
 
 def clipped_policy_loss(
-    log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_range: float
+    log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_range: float,
+    behaviour_weights: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """PPO clipped surrogate (Schulman et al. 2017), as a loss to minimise:
 
         ρ_t = exp(log π(a_t) - log π_old(a_t)),
-        loss = -mean_t min(ρ_t A_t, clip(ρ_t, 1-ε, 1+ε) A_t)
+        loss = -mean_t w_t · min(ρ_t A_t, clip(ρ_t, 1-ε, 1+ε) A_t)
 
-    All inputs (B, T). Metrics: clip_fraction (share of tokens where the clipped term is taken) and
-    approx_kl = mean((ρ-1) - log ρ), the k3 estimate of KL(π_old || π).
+    with w_t = 1, or, when the samples came from another policy than π_old (an asynchronous rollout, one update
+    behind), `behaviour_weights` w_t = truncated_importance_weights(...): the decoupled PPO objective (Hilton et
+    al. 2021), whose trust region stays around π_old. All inputs (B, T). Metrics: clip_fraction (share of tokens
+    where the clipped term is taken) and approx_kl = mean((ρ-1) - log ρ), the k3 estimate of KL(π_old || π).
     """
     log_ratio = log_probs - old_log_probs
     ratio = torch.exp(log_ratio)
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range) * advantages
-    loss = -masked_mean(torch.minimum(unclipped, clipped), mask)
+    surrogate = torch.minimum(unclipped, clipped)
+    loss = -masked_mean(surrogate if behaviour_weights is None else behaviour_weights * surrogate, mask)
     with torch.no_grad():
         metrics = {
             "clip_fraction": masked_mean((clipped < unclipped).float(), mask),
             "approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask),
         }
     return loss, metrics
+
+
+def truncated_importance_weights(old_log_probs: torch.Tensor, behaviour_log_probs: torch.Tensor, cap: float
+                                 ) -> torch.Tensor:
+    """w_t = min(π_old(a_t) / π_behaviour(a_t), cap): the importance weight of a token the rollout engine sampled
+    from π_behaviour (in asynchronous mode the policy one update before π_old), truncated so that a token the
+    engine found unlikely cannot dominate the loss (Espeholt et al. 2018's truncation; Yao et al. 2025's
+    truncated IS for engine/trainer mismatch). Both log-probs (B, T), the result (B, T), not differentiated."""
+    return torch.exp(old_log_probs - behaviour_log_probs).clamp(max=cap).detach()
 
 
 def clipped_value_loss(

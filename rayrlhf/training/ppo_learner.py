@@ -18,9 +18,10 @@ With ppo.group_invariant enabled, group invariant learning adds its terms (rayrl
 docs/methods.md): a KL coefficient per sequence, the policy's invariance penalty and the group predictor's loss.
 """
 import copy
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -29,6 +30,7 @@ from rayrlhf.algos.group_invariant import sequence_surrogates
 from rayrlhf.algos.kl import kl_estimate
 from rayrlhf.algos.ppo import (
     clipped_policy_loss,
+    truncated_importance_weights,
     clipped_value_loss,
     explained_variance,
     generalized_advantage_estimation,
@@ -58,14 +60,19 @@ class Experience:
     advantages: torch.Tensor  # GAE, whitened over every rank's tokens
     returns: torch.Tensor  # A + V_old: the value targets
     kl: torch.Tensor  # the KL estimate to the reference, per token
-    entropy: torch.Tensor  # of π_old, per token
+    entropy: Optional[torch.Tensor]  # of π_old, per token (None with old_log_probs=engine: the updates measure it)
     critic_features: torch.Tensor  # (B, H): the critic's last-token hidden state (group invariant learning's input)
-    logprob_mismatch: torch.Tensor  # (): mean |log π_engine - log π_old|, how far the rollout engine's log-probs are
+    engine_log_probs: torch.Tensor  # log π_engine: the rollout engine's, of the policy that sampled the responses
 
     def rows(self, chosen: torch.Tensor) -> "Experience":
         """The rows `chosen` (indices): one mini-batch."""
-        per_row = {f.name: getattr(self, f.name)[chosen] for f in fields(self) if f.name not in ("batch", "logprob_mismatch")}
-        return Experience(batch=self.batch.select(chosen), logprob_mismatch=self.logprob_mismatch, **per_row)
+        per_row = {f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[chosen]
+                   for f in fields(self) if f.name != "batch"}
+        return Experience(batch=self.batch.select(chosen), **per_row)
+
+    def behaviour_weights(self, cap: Optional[float]) -> Optional[torch.Tensor]:
+        """Truncated importance weights min(π_old / π_engine, cap) of the response tokens, (B, R); None without a cap."""
+        return None if cap is None else truncated_importance_weights(self.old_log_probs, self.engine_log_probs, cap) * self.mask
 
 
 class PPOLearner:
@@ -129,7 +136,12 @@ class PPOLearner:
         mask = batch.response_mask.float()
         self.policy.eval()
         self.critic.eval()
-        old_log_probs, entropy = forward_in_micro_batches(lambda part: response_log_probs(self.policy, part), batch, self.forward_rows)
+        engine_log_probs = _padded(rollout.log_probs, mask.shape).to(self.device) * mask
+        if settings.old_log_probs == "engine":  # no policy pass: the engine's log-probs are π_old's
+            old_log_probs, entropy = engine_log_probs, None
+        else:
+            old_log_probs, entropy = forward_in_micro_batches(lambda part: response_log_probs(self.policy, part), batch,
+                                                              self.forward_rows)
         (reference_log_probs,) = forward_in_micro_batches(lambda part: response_log_probs(self.reference, part, False)[:1],
                                                           batch, self.forward_rows)
         values, features = forward_in_micro_batches(lambda part: response_values_and_features(self.critic, part), batch,
@@ -143,9 +155,7 @@ class PPOLearner:
         sums = torch.stack([(advantages * mask).sum(), (advantages**2 * mask).sum(), mask.sum()])
         sum_across_ranks(sums)
         advantages = masked_whiten(advantages, mask, *sums)
-        engine_log_probs = _padded(rollout.log_probs, mask.shape).to(self.device)
-        return Experience(batch, mask, old_log_probs, values, advantages, returns, kl, entropy, features,
-                          logprob_mismatch=masked_mean((engine_log_probs - old_log_probs).abs(), mask))
+        return Experience(batch, mask, old_log_probs, values, advantages, returns, kl, entropy, features, engine_log_probs)
 
     def train(self, experience: "Experience", seed: int) -> Dict[str, float]:
         """settings.epochs passes of settings.mini_batches mini-batches; returns means over the updates."""
@@ -160,21 +170,28 @@ class PPOLearner:
             order = torch.randperm(rows, generator=generator)
             for start in range(0, rows - size + 1, size):
                 chosen = order[start : start + size].to(self.device)
-                history.append(self._update(experience.rows(chosen)))
-        metrics = {name: sum(h[name] for h in history) / len(history) for name in history[0]}
-        return metrics
+                history.append(self._update(experience.rows(chosen), first=not history))
+        names = dict.fromkeys(name for h in history for name in h)  # some only in the first update
+        return {name: sum(h[name] for h in history if name in h) / sum(name in h for h in history) for name in names}
 
-    def _update(self, part: "Experience") -> Dict[str, float]:
+    def _update(self, part: "Experience", first: bool) -> Dict[str, float]:
+        """One mini-batch's updates of the policy and the critic. `first`: the step's first, where θ is still π_old."""
         settings, mask = self.settings, part.mask
+        from_engine = settings.old_log_probs == "engine"
         penalty_weights, predictor_weights, extra = None, None, {}
+        behaviour_weights = part.behaviour_weights(settings.behaviour_ratio_cap)
         if self.groups is not None:
             penalty_weights, extra["gil_penalty"] = self._invariance_penalty_weights(part)
             predictor_weights = self.groups.predictor_weights(part.critic_features, part.returns[:, 0])
 
         def policy_loss_of(micro: SequenceBatch, rows: slice):
-            log_probs, _ = response_log_probs(self.policy, micro, with_entropy=False)
+            log_probs, entropy = response_log_probs(self.policy, micro, with_entropy=from_engine)
             loss, metrics = clipped_policy_loss(log_probs, part.old_log_probs[rows], part.advantages[rows], mask[rows],
-                                                settings.clip_range)
+                                                settings.clip_range, None if behaviour_weights is None else behaviour_weights[rows])
+            if from_engine:  # no trainer pass measured these: the update's pass does (at π_old in the first update)
+                metrics["entropy"] = masked_mean(entropy.detach(), mask[rows])
+                if first:
+                    metrics["logprob_mismatch"] = masked_mean((log_probs.detach() - part.engine_log_probs[rows]).abs(), mask[rows])
             if penalty_weights is None:
                 return loss, metrics
             surrogates = sequence_surrogates(log_probs, part.old_log_probs[rows], part.advantages[rows], mask[rows],
@@ -236,11 +253,17 @@ class PPOLearner:
             **trained,
             "kl_per_token": masked_mean(experience.kl, mask).item(),
             "kl_per_sequence": experience.kl.sum(dim=1).mean().item(),
-            "entropy": masked_mean(experience.entropy, mask).item(),
             "response_length": mask.sum(dim=1).mean().item(),
             "explained_variance": explained_variance(experience.values, experience.returns, mask).item(),
-            "logprob_mismatch": experience.logprob_mismatch.item(),
         }
+        if experience.entropy is not None:  # else (old_log_probs=engine) the updates measured both: in `trained`
+            local["entropy"] = masked_mean(experience.entropy, mask).item()
+            local["logprob_mismatch"] = masked_mean((experience.engine_log_probs - experience.old_log_probs).abs(), mask).item()
+        cap = self.settings.behaviour_ratio_cap
+        if cap is not None:  # how far the sampling policy was from π_old, and how often truncation acted
+            log_ratio = experience.old_log_probs - experience.engine_log_probs
+            local["behaviour_weight_mean"] = masked_mean(experience.behaviour_weights(cap), mask).item()
+            local["behaviour_truncated_fraction"] = masked_mean((log_ratio > math.log(cap)).float(), mask).item()
         if self.groups is not None:  # whole-batch group statistics (reduced over ranks), after the step's updates
             local.update(self.groups.metrics(experience.critic_features, experience.returns[:, 0], experience.kl.sum(dim=1)))
         values = torch.tensor(list(local.values()), dtype=torch.float64)
