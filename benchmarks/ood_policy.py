@@ -21,6 +21,7 @@ Writes OUT/ood_policy.json and OUT/ood_policy.md and prints the markdown. Standa
 import argparse
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -161,6 +162,8 @@ def run_arm(setting: Setting, arm: str, seed: int, judge: str, proxy: str, args:
                     f"evaluation.samples_per_prompt={args.samples}", "evaluation.embeddings=false", *setting.eval_overrides]
         if run_logged(evaluate, out / "logs" / f"{arm}_seed{seed}_eval.log"):
             return {"error": f"evaluation failed: {out / 'logs' / f'{arm}_seed{seed}_eval.log'}"}
+        # the round checkpoints (policy, critic and their Adam states: about 6 GB a run) are not read again
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     final = json.loads(report.read_text())["policies"]["final"]
     return {**{key: final.get(key) for key in POLICY_METRICS}, "wall_seconds": time.perf_counter() - started}
 
