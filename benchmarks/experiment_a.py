@@ -3,7 +3,7 @@ learning), paired over seeds.
 
     .venv/bin/python benchmarks/experiment_a.py --seeds 0 1 2 --out /tmp/expA/main
         [--pairs tldr-cnndm hh-helpful-harmless tldr-subreddits] [--etas 5e-6 1e-3] [--max-steps 30]
-        [--bilevel] [--bilevel-layers 2] [--no-metarm]
+        [--bilevel] [--bilevel-variant NAME=KEY=VALUE;...] [--bilevel-layers 2] [--no-metarm]
         [--prompt-tokens 32] [--response-tokens 48] [--preference-records 1200] [--target-records N]
         [--jobs 2] [--threads 1] [--reuse] [--set key=value ...]
 
@@ -95,6 +95,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--no-vanilla", action="store_true", help="skip vanilla runs (no paired comparison)")
     parser.add_argument("--no-metarm", action="store_true", help="skip MetaRM runs")
     parser.add_argument("--bilevel", action="store_true", help="add bilevel reward learning (variant 'bilevel')")
+    parser.add_argument("--bilevel-variant", dest="bilevel_variants", action="append", default=[],
+                        metavar="NAME=KEY=VALUE[;KEY=VALUE...]",
+                        help="one more bilevel variant, 'bilevel:NAME', with these overrides (repeatable; implies --bilevel "
+                             "settings, e.g. vw1=reward.bilevel.vanilla_weight=1)")
     parser.add_argument("--bilevel-layers", type=int, default=2,
                         help="reward.bilevel.policy_layers: the policy blocks the inner problem adapts (0: all)")
     parser.add_argument("--max-steps", type=int, default=30, help="reward.max_steps (0: the config's epochs)")
@@ -152,12 +156,25 @@ def variants(args: argparse.Namespace, pair: DomainPair) -> List[Tuple[str, List
         chosen.append(("metarm", ["reward.method=metarm"]))
     else:
         chosen += [(f"metarm@{eta:g}", ["reward.method=metarm", f"reward.eta={eta!r}"]) for eta in args.etas]
+    # TL;DR and HH prompts have one comparison each as a rule: 2 responses per support prompt
+    bilevel = (["reward.method=bilevel", "policy.source=smollm2", "reward.samples_per_prompt=2",
+                f"reward.bilevel.domain_by={pair.domain_by}"]
+               + ([f"reward.bilevel.policy_layers={args.bilevel_layers}"] if args.bilevel_layers else []))
     if args.bilevel:
-        # TL;DR and HH prompts have one comparison each as a rule: 2 responses per support prompt
-        chosen.append(("bilevel", ["reward.method=bilevel", "policy.source=smollm2", "reward.samples_per_prompt=2",
-                                   f"reward.bilevel.domain_by={pair.domain_by}"]
-                       + ([f"reward.bilevel.policy_layers={args.bilevel_layers}"] if args.bilevel_layers else [])))
+        chosen.append(("bilevel", bilevel))
+    chosen += [(f"bilevel:{name}", bilevel + overrides) for name, overrides in map(parse_variant, args.bilevel_variants)]
     return chosen
+
+
+def parse_variant(text: str) -> Tuple[str, List[str]]:
+    """'NAME=KEY=VALUE;KEY=VALUE' -> (NAME, [KEY=VALUE, ...]); exits with status 2 on a malformed one."""
+    name, sep, rest = text.partition("=")
+    overrides = [item.strip() for item in rest.split(";") if item.strip()]
+    if not (sep and name.strip() and overrides and all("=" in item for item in overrides)):
+        print(f"--bilevel-variant {text!r}: expected NAME=KEY=VALUE[;KEY=VALUE...], "
+              "e.g. vw1=reward.bilevel.vanilla_weight=1", file=sys.stderr)
+        raise SystemExit(2)
+    return name.strip(), overrides
 
 
 def plan_runs(args: argparse.Namespace, out: Path) -> List[Run]:
@@ -168,7 +185,7 @@ def plan_runs(args: argparse.Namespace, out: Path) -> List[Run]:
         shared = list(pair.overrides) + size_overrides(args, pair) + extra_overrides(args.extra, pair_name)
         for variant, method in variants(args, pair):
             for seed in args.seeds:
-                run_dir = out / "runs" / pair_name / variant.replace("@", "_eta") / f"seed{seed}"
+                run_dir = out / "runs" / pair_name / variant.replace("@", "_eta").replace(":", "_") / f"seed{seed}"
                 overrides = shared + method + [f"seed={seed}", f"run_dir={run_dir}"]
                 runs.append(Run(pair_name, variant, seed, overrides, run_dir))
     return runs

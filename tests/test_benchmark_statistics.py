@@ -69,6 +69,20 @@ def test_experiment_a_plans_bilevel_on_each_pairs_domains_and_the_leave_subreddi
     assert all("data.preference.exclude_subreddits=[AskReddit, tifu, personalfinance, legaladvice]" in r.overrides for r in runs[3:])
 
 
+def test_experiment_a_bilevel_variants_add_their_overrides_after_the_bilevel_ones():
+    args = experiment_a.parse_args(["--out", "x", "--no-metarm", "--seeds", "1", "--pairs", "tldr-subreddits",
+                                    "--bilevel-variant", "vw1=reward.bilevel.vanilla_weight=1;reward.bilevel.inner_lr=1e-3"])
+    vanilla, variant = experiment_a.plan_runs(args, Path("out"))
+    assert (vanilla.variant, variant.variant) == ("vanilla", "bilevel:vw1")
+    assert variant.run_dir == Path("out/runs/tldr-subreddits/bilevel_vw1/seed1")
+    method = variant.overrides[variant.overrides.index("reward.method=bilevel"):]
+    assert method[-4:] == ["reward.bilevel.vanilla_weight=1", "reward.bilevel.inner_lr=1e-3", "seed=1",
+                           f"run_dir={variant.run_dir}"]
+    with pytest.raises(SystemExit) as exit_status:
+        experiment_a.parse_variant("vw1")
+    assert exit_status.value.code == 2
+
+
 def test_compare_runs_ignores_what_the_machine_measured_and_finds_the_rest(tmp_path):
     compare_runs = load("compare_runs")
     lines = {"a": ['{"phase": "ppo", "step": 1, "reward_mean": 0.5, "ppo_seconds": 1.0, "peak_memory_gb_ppo": 2.0}',
