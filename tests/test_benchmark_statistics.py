@@ -1,6 +1,7 @@
 """The verdicts and paired comparisons of the evidence benchmarks (benchmarks/overoptimisation.py,
-benchmarks/experiment_a.py), on numbers worked out by hand."""
+benchmarks/experiment_a.py) on numbers worked out by hand, and what the experiment scripts plan to run."""
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,9 @@ from conftest import ROOT
 
 
 def load(name: str):
+    # the benchmarks import each other as scripts do, from their own folder
+    if str(Path(ROOT) / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(Path(ROOT) / "benchmarks"))
     spec = importlib.util.spec_from_file_location(name, Path(ROOT) / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -81,6 +85,21 @@ def test_experiment_a_bilevel_variants_add_their_overrides_after_the_bilevel_one
     with pytest.raises(SystemExit) as exit_status:
         experiment_a.parse_variant("vw1")
     assert exit_status.value.code == 2
+
+
+def test_ood_policy_meta_test_trains_each_proxy_by_its_method_and_ppo_on_the_target_prompts():
+    ood_policy = load("ood_policy")
+    args = ood_policy.parse_args(["--setting", "tldr-cnndm", "--out", "x", "--rm-methods", "vanilla", "metarm", "bilevel",
+                                  "--ppo-prompts", "target"])
+    setting = ood_policy.SETTINGS["tldr-cnndm"]
+    vanilla, metarm, bilevel = (ood_policy.proxy_overrides(setting, m, 30) for m in args.rm_methods)
+    assert vanilla[:2] == ["reward.method=vanilla", "data.meta=null"] and "reward.max_steps=30" in vanilla
+    assert "reward.method=metarm" in metarm and "data.meta=null" not in metarm  # meta data: the config's target domain
+    assert {"reward.method=bilevel", "reward.bilevel.domain_by=subreddit", "policy.source=smollm2"} <= set(bilevel)
+    command = ood_policy.run_command(setting, "ppo", 3, "P", Path("r"), args)
+    assert command[-1] == "data.preference={format: tldr, path: data/tldr/comparisons_cnndm0.jsonl}"
+    assert {"reward_model={source: P}", "seed=3", "reward.train_each_round=false"} <= set(command)
+    assert ood_policy.run_key("ppo", "bilevel") == "ppo+bilevel" and ood_policy.run_key("gil", "vanilla") == "gil"
 
 
 def test_compare_runs_ignores_what_the_machine_measured_and_finds_the_rest(tmp_path):
