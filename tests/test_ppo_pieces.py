@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from rayrlhf.pipeline import logprob_mismatch_warning
-from rayrlhf.algos.ppo import entropy_from_logits, gather_log_probs, masked_whiten
+from rayrlhf.algos.ppo import gather_log_probs, masked_whiten
 from rayrlhf.algos.rewards import gold_pair_accuracy
 from rayrlhf.data.rollouts import collate_sequences
 
@@ -27,9 +27,15 @@ def test_masked_whiten_uses_only_masked_positions():
 
 def test_log_probs_and_entropy_by_hand():
     logits = torch.tensor([[[0.0, math.log(3.0)]]])  # probabilities 1/4, 3/4
-    assert gather_log_probs(logits, torch.tensor([[1]])).item() == pytest.approx(math.log(0.75), abs=1e-6)
-    assert entropy_from_logits(logits).item() == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)), abs=1e-6)
-    assert entropy_from_logits(torch.zeros(1, 1, 4)).item() == pytest.approx(math.log(4), abs=1e-6)
+    log_prob, entropy = gather_log_probs(logits.requires_grad_(), torch.tensor([[1]]), with_entropy=True)
+    assert log_prob.item() == pytest.approx(math.log(0.75), abs=1e-6)
+    assert entropy.item() == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)), abs=1e-6)
+    assert log_prob.requires_grad and not entropy.requires_grad  # the entropy is a metric
+    assert gather_log_probs(torch.zeros(1, 1, 4), torch.tensor([[0]]), with_entropy=True)[1].item() == pytest.approx(math.log(4), abs=1e-6)
+    # a token the model rules out (logit -inf) adds nothing to the entropy, not nan
+    _, entropy = gather_log_probs(torch.tensor([[[0.0, 0.0, -math.inf]]]), torch.tensor([[0]]), with_entropy=True)
+    assert entropy.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert gather_log_probs(logits, torch.tensor([[0]]))[1] is None
 
 
 def test_collate_sequences_points_each_response_token_at_the_logits_that_predict_it():

@@ -98,16 +98,18 @@ def at_least_float32(values: torch.Tensor) -> torch.Tensor:
     return values.to(torch.promote_types(values.dtype, torch.float32))
 
 
-def gather_log_probs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token] at each position, in float32 or wider. logits (B, T, V), tokens (B, T) -> (B, T)."""
-    return torch.log_softmax(at_least_float32(logits), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """H(softmax(logits)) = logsumexp(z) - Σ p z at each position. (B, T, V) -> (B, T)."""
-    logits = at_least_float32(logits)
-    probabilities = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (probabilities * logits).sum(dim=-1)
+def gather_log_probs(logits: torch.Tensor, tokens: torch.Tensor, with_entropy: bool = False):
+    """log softmax(logits)[token] at each position, in float32 or wider, and (with_entropy) the entropy
+    H = -Σ_v p_v log p_v of each position's distribution, both from one log-softmax over the vocabulary (the
+    largest tensor of a PPO pass). logits (B, T, V), tokens (B, T) -> ((B, T), (B, T) or None). The entropy is a
+    metric: computed without gradient, so its (B, T, V) intermediates are not kept for the backward pass."""
+    log_softmax = torch.log_softmax(at_least_float32(logits), dim=-1)  # (B, T, V)
+    token_log_probs = log_softmax.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    if not with_entropy:
+        return token_log_probs, None
+    with torch.no_grad():
+        entropy = torch.special.entr(log_softmax.exp()).sum(dim=-1)  # entr(p) = -p log p, 0 at p = 0
+    return token_log_probs, entropy
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, total: torch.Tensor, total_squares: torch.Tensor,

@@ -5,7 +5,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import nn
 
-from rayrlhf.algos.ppo import entropy_from_logits, gather_log_probs
+from rayrlhf.algos.ppo import gather_log_probs
 from rayrlhf.data.batches import micro_batch_slices
 from rayrlhf.data.rollouts import SequenceBatch
 from rayrlhf.models.heads import token_values, token_values_and_last_hidden
@@ -45,8 +45,7 @@ def response_log_probs(model: nn.Module, batch: SequenceBatch, with_entropy: boo
                    logits_to_keep=batch.input_ids.shape[1] - first).logits  # (B, L - first, V)
     positions = (batch.response_positions - first).unsqueeze(-1).expand(-1, -1, logits.shape[-1])
     at_responses = logits.gather(1, positions)  # (B, R, V)
-    entropy = entropy_from_logits(at_responses) if with_entropy else None
-    return gather_log_probs(at_responses, batch.response_tokens), entropy
+    return gather_log_probs(at_responses, batch.response_tokens, with_entropy)
 
 
 def sequence_log_probs(model: nn.Module, batch: SequenceBatch) -> torch.Tensor:
