@@ -161,7 +161,7 @@ def train_judge(setting: Setting, args: argparse.Namespace, out: Path) -> Dict[s
 
 
 def proxy_overrides(setting: Setting, method: str, rm_steps: int) -> List[str]:
-    """train_rm overrides of a proxy RM learned by `method` on the source domain (after the vanilla defaults)."""
+    """train_rm overrides of a proxy RM learned by `method` on the source domain (the setting's RM config)."""
     return [*RM_METHODS[method], f"reward.max_steps={rm_steps}", "data.max_prompt_tokens=64", "data.max_response_tokens=24",
             "reward.epochs=2"] + ([f"reward.bilevel.domain_by={setting.domain_by}"] if method == "bilevel" else [])
 
