@@ -146,3 +146,11 @@ def test_every_config_field_has_a_docstring():
             if not (isinstance(field.description, str) and field.description.strip()):
                 missing.append(f"{name}.{field_name}")
     assert not missing, f"{len(missing)} config fields without a docstring: {', '.join(missing)}"
+
+
+def test_bilevel_domain_split_must_fit_the_preference_format():
+    # `none` keeps the whole preference set as one domain, whatever its format (HH helpful has no sub-domains)
+    config = load_config(ROOT / "conf" / "rm_hh.yaml", ["reward.method=bilevel", "reward.bilevel.domain_by=none"])
+    assert config.reward.bilevel.domain_by == "none"
+    message = error_for("reward.method=bilevel", "reward.bilevel.domain_by=subreddit")  # the synthetic task has none
+    assert "reward.bilevel.domain_by='subreddit'" in message and "reward.bilevel.domains" in message
