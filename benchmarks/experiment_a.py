@@ -156,14 +156,20 @@ def variants(args: argparse.Namespace, pair: DomainPair) -> List[Tuple[str, List
         chosen.append(("metarm", ["reward.method=metarm"]))
     else:
         chosen += [(f"metarm@{eta:g}", ["reward.method=metarm", f"reward.eta={eta!r}"]) for eta in args.etas]
-    # TL;DR and HH prompts have one comparison each as a rule: 2 responses per support prompt
-    bilevel = (["reward.method=bilevel", "policy.source=smollm2", "reward.samples_per_prompt=2",
-                f"reward.bilevel.domain_by={pair.domain_by}"]
-               + ([f"reward.bilevel.policy_layers={args.bilevel_layers}"] if args.bilevel_layers else []))
+    bilevel = bilevel_overrides(pair.domain_by, args.bilevel_layers)
     if args.bilevel:
         chosen.append(("bilevel", bilevel))
     chosen += [(f"bilevel:{name}", bilevel + overrides) for name, overrides in map(parse_variant, args.bilevel_variants)]
     return chosen
+
+
+def bilevel_overrides(domain_by: str, policy_layers: int) -> List[str]:
+    """train_rm overrides of bilevel reward learning on real preference data: SmolLM2 as the inner problem's policy,
+    adapting its last policy_layers blocks (0: all), the pairs split into domains by domain_by."""
+    # TL;DR and HH prompts have one comparison each as a rule: 2 responses per support prompt
+    return (["reward.method=bilevel", "policy.source=smollm2", "reward.samples_per_prompt=2",
+             f"reward.bilevel.domain_by={domain_by}"]
+            + ([f"reward.bilevel.policy_layers={policy_layers}"] if policy_layers else []))
 
 
 def parse_variant(text: str) -> Tuple[str, List[str]]:

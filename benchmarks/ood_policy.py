@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from experiment_a import fmt, json_safe, machine, mean_std, run_environment
+from experiment_a import bilevel_overrides, fmt, json_safe, machine, mean_std, run_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = {
@@ -43,13 +43,15 @@ ARMS = {
     "gil_no_dynamic_kl": ["ppo.group_invariant.enabled=true", "ppo.group_invariant.adaptive_kl=false"],
 }
 # how the proxy RM learns from the source domain (issue 19's meta-test compares them; MetaRM's meta data are the
-# target's unlabelled responses, as the RM configs name them); every method but vanilla adds "+METHOD" to the run's key
+# target's unlabelled responses, as the RM configs name them; bilevel's are experiment_a's, with the setting's
+# domains); every method but vanilla adds "+METHOD" to the run's key
 RM_METHODS = {
     "vanilla": ["reward.method=vanilla", "data.meta=null"],
     "metarm": ["reward.method=metarm"],
-    "bilevel": ["reward.method=bilevel", "data.meta=null", "policy.source=smollm2", "reward.samples_per_prompt=2",
-                "reward.bilevel.policy_layers=2"],
+    "bilevel": ["data.meta=null"],
 }
+BILEVEL_POLICY_LAYERS = 2
+"""The policy blocks a bilevel proxy's inner problem adapts (experiment_a's --bilevel-layers default)."""
 POLICY_METRICS = ("win_rate", "tie_rate", "lose_rate", "judge_score", "kl_to_initial", "length_tokens")
 
 
@@ -162,8 +164,9 @@ def train_judge(setting: Setting, args: argparse.Namespace, out: Path) -> Dict[s
 
 def proxy_overrides(setting: Setting, method: str, rm_steps: int) -> List[str]:
     """train_rm overrides of a proxy RM learned by `method` on the source domain (the setting's RM config)."""
-    return [*RM_METHODS[method], f"reward.max_steps={rm_steps}", "data.max_prompt_tokens=64", "data.max_response_tokens=24",
-            "reward.epochs=2"] + ([f"reward.bilevel.domain_by={setting.domain_by}"] if method == "bilevel" else [])
+    by_method = RM_METHODS[method] + (bilevel_overrides(setting.domain_by, BILEVEL_POLICY_LAYERS) if method == "bilevel" else [])
+    return [*by_method, f"reward.max_steps={rm_steps}", "data.max_prompt_tokens=64", "data.max_response_tokens=24",
+            "reward.epochs=2"]
 
 
 def train_proxy(setting: Setting, args: argparse.Namespace, out: Path, method: str) -> Dict[str, object]:

@@ -651,7 +651,7 @@ class RunConfig(Schema):
                              "products through recomputed activations are wrong); use reward.order='first' or turn "
                              "checkpointing off and lower reward.micro_batch_size instead")
         bilevel = reward.bilevel
-        needs = {"subreddit": "tldr", "topic": "synthetic"}.get(bilevel.domain_by)  # `none`: any format, one domain
+        needs = {"subreddit": "tldr", "topic": "synthetic", "none": None}[bilevel.domain_by]  # none: one domain, any format
         if reward.method == "bilevel" and not bilevel.domains and needs and data.preference.format != needs:
             raise ValueError(f"reward.bilevel.domain_by={bilevel.domain_by!r} splits {needs} data, but data.preference has "
                              f"format {data.preference.format!r}: name the domains in reward.bilevel.domains instead")
