@@ -56,6 +56,17 @@ def check_fits(sweep: SweepConfig, base: RunConfig, cluster: dict) -> None:
                               f"resources.*) but the Ray cluster has {cluster.get(name, 0):g}")
 
 
+def check_storage(sweep: SweepConfig) -> None:
+    """resume=true needs a stored sweep, a new sweep an unused folder: checked from the files, before Ray starts."""
+    from ray import tune
+
+    folder = storage_folder(sweep)
+    if sweep.resume and not tune.Tuner.can_restore(str(folder)):
+        raise ConfigError(f"resume=true but {folder} holds no sweep to continue")
+    if not sweep.resume and tune.Tuner.can_restore(str(folder)):
+        raise ConfigError(f"{folder} already holds a sweep; continue it with resume=true or choose another name")
+
+
 def build_tuner(sweep: SweepConfig, base: RunConfig):
     """A new Tuner, or (resume=true) the stored sweep restored: finished trials kept, the rest go on."""
     from ray import tune
@@ -65,12 +76,8 @@ def build_tuner(sweep: SweepConfig, base: RunConfig):
 
     folder = storage_folder(sweep)
     trainable = with_bundles(sweep.trainable, base, sweep.driver_cpus, os.getcwd())
-    if sweep.resume:
-        if not tune.Tuner.can_restore(str(folder)):
-            raise ConfigError(f"resume=true but {folder} holds no sweep to continue")
+    if sweep.resume:  # check_storage has seen a stored sweep there
         return tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=True)
-    if tune.Tuner.can_restore(str(folder)):
-        raise ConfigError(f"{folder} already holds a sweep; continue it with resume=true or choose another name")
     scheduler = (ASHAScheduler(time_attr=TIME_ATTRIBUTE[sweep.trainable], max_t=budget(sweep.trainable, base),
                                grace_period=sweep.scheduler.grace_period, reduction_factor=sweep.scheduler.reduction_factor)
                  if sweep.scheduler.name == "asha" else FIFOScheduler())
@@ -87,16 +94,27 @@ def build_tuner(sweep: SweepConfig, base: RunConfig):
 
 
 def sweep_and_report(sweep: SweepConfig, base: RunConfig) -> None:
-    from rayrlhf.tuning.report import best_row, format_rows, plot_trials, trial_rows, write_best_config, write_csv
-    from rayrlhf.tuning.trainables import TIME_ATTRIBUTE, budget
-
     # Every report checkpoints (so trials resume); Tune warns when that makes it snapshot its state often.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     from rayrlhf.actors.placement import connect_ray
 
+    check_storage(sweep)
     ray = connect_ray()
-    check_fits(sweep, base, ray.cluster_resources())
-    results = build_tuner(sweep, base).fit()
+    try:
+        check_fits(sweep, base, ray.cluster_resources())
+        report_sweep(build_tuner(sweep, base).fit(), sweep, base)
+    finally:
+        # Ray is stopped here rather than left to exit handlers: a CI run saw the test process that started this
+        # command receive SIGTERM as it ended, which is what Ray's process reaper sends to its whole process group
+        # when it finds its parent gone.
+        ray.shutdown()
+
+
+def report_sweep(results, sweep: SweepConfig, base: RunConfig) -> None:
+    """The trials' table, trials.csv, trials.png and the best trial's config, written into the sweep's folder."""
+    from rayrlhf.tuning.report import best_row, format_rows, plot_trials, trial_rows, write_best_config, write_csv
+    from rayrlhf.tuning.trainables import TIME_ATTRIBUTE, budget
+
     folder = storage_folder(sweep)
     keys = list(sweep.space)
     rows = trial_rows(results, keys, sweep.metric, sweep.mode, TIME_ATTRIBUTE[sweep.trainable], budget(sweep.trainable, base))
@@ -109,7 +127,6 @@ def sweep_and_report(sweep: SweepConfig, base: RunConfig) -> None:
     write_best_config(base, best, keys, f"runs/{sweep.name}_best", folder / "best_config.yaml")
     print(f"best trial {best['trial']}: {sweep.metric}={best[sweep.metric]:.4g}; "
           f"its config: {folder / 'best_config.yaml'} (python -m rayrlhf.run {folder / 'best_config.yaml'})")
-
 
 def main(argv: Optional[List[str]] = None) -> int:
     return run_command_with(__doc__, argv, load_sweep, lambda loaded: sweep_and_report(*loaded))

@@ -157,7 +157,10 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path):
     for result_file, content in finished.items():
         assert result_file.read_text() == content  # kept, not trained again
     again = run_tune(path, f"storage_path={storage}", expect=2)
-    assert "already holds a sweep; continue it with resume=true" in again.stderr
+    # refused from the files, before Ray starts (which would print first)
+    assert again.stderr.startswith(f"error: {folder} already holds a sweep; continue it with resume=true"), again.stderr[-2000:]
+    fresh = run_tune(path, f"storage_path={tmp_path / 'none'}", "resume=true", expect=2)
+    assert fresh.stderr.startswith(f"error: resume=true but {tmp_path / 'none' / 'metarm_tldr'} holds no sweep"), fresh.stderr[-2000:]
 
 
 @pytest.mark.slow
