@@ -42,9 +42,22 @@ def format_table(history: List[Dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def stop_ray() -> None:
+    """Stop (or, under `ray job submit`, leave) the Ray this command started or joined, here rather than in exit
+    handlers: Ray's process reaper, finding its parent gone, signals the whole process group, which includes
+    whatever script started this command (launch() does not do it: Tune trials share it)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     def job(config: RunConfig) -> None:
-        history = launch(config)
+        try:
+            history = launch(config)
+        finally:
+            stop_ray()
         print(format_table(history))
         print(f"run directory: {config.run_dir}")
 
