@@ -3,7 +3,7 @@ KL, trained on one domain's prompts and judged on another domain's prompts, pair
 
     .venv/bin/python benchmarks/ood_policy.py --setting tldr-cnndm --seeds 0 1 --out DIR
         [--arms ppo gil gil_no_dynamic_kl] [--rm-methods vanilla] [--ppo-prompts source] [--rounds 1] [--steps 4]
-        [--policy-lr 1e-5] [--prompts 24] [--samples 2] [--rm-steps 100] [--judge-steps 100] [--reuse] [--set key=value ...]
+        [--policy-lr 1e-4] [--prompts 24] [--samples 2] [--rm-steps 100] [--judge-steps 100] [--reuse] [--set key=value ...]
 
 The meta-test of issue 19 (an RM learned on the source domain only, frozen, PPO on the target's prompts, judged there):
     .venv/bin/python benchmarks/ood_policy.py --setting hh-helpful-harmless --arms ppo \
@@ -107,8 +107,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--steps", type=int, default=4, help="ppo.steps_per_round")
-    parser.add_argument("--policy-lr", type=float, default=1e-5,
-                        help="ppo.policy_lr (the configs' 5e-7 barely moves a policy in a few CPU-sized steps)")
+    parser.add_argument("--policy-lr", type=float, default=1e-4,
+                        help="ppo.policy_lr: the configs' 5e-7 barely moves a policy in a few CPU-sized steps, and 1e-5 "
+                             "moved it 0.06-0.08 nats on HH in 4 steps, too little to change a sampled response "
+                             "(docs/results.md, section 3b)")
     parser.add_argument("--prompts", type=int, default=24, help="target prompts each policy answers when judged")
     parser.add_argument("--samples", type=int, default=2, help="responses per judged prompt (evaluation.samples_per_prompt)")
     parser.add_argument("--rm-steps", type=int, default=100,
@@ -190,12 +192,15 @@ def run_command(setting: Setting, arm: str, seed: int, proxy: str, run_dir: Path
 def run_arm(setting: Setting, arm: str, method: str, seed: int, judge: str, proxy: str, args: argparse.Namespace,
             out: Path) -> Dict[str, object]:
     """One run (PPO arm `arm` against the proxy RM of `method`) and its judged evaluation; the final policy's row of
-    evaluation.json, or an error. With args.reuse a finished run is kept, and so is its evaluation."""
+    evaluation.json, or an error. With args.reuse a finished run is kept, and so is its evaluation; its wall time is
+    the one recorded when it ran (in RUN_DIR/wall_seconds.txt)."""
     key = run_key(arm, method)
     run_dir = out / "runs" / key / f"seed{seed}"
-    report = run_dir / "evaluation" / "evaluation.json"
+    report, timing = run_dir / "evaluation" / "evaluation.json", run_dir / "wall_seconds.txt"
     started = time.perf_counter()
-    if not (args.reuse and (run_dir / "policy" / "config.json").is_file()):
+    trained = not (args.reuse and (run_dir / "policy" / "config.json").is_file())
+    if trained:
+        timing.unlink(missing_ok=True)
         if run_logged(run_command(setting, arm, seed, proxy, run_dir, args), out / "logs" / f"{key}_seed{seed}_run.log"):
             return {"error": f"run failed: {out / 'logs' / f'{key}_seed{seed}_run.log'}"}
         report.unlink(missing_ok=True)
@@ -207,15 +212,18 @@ def run_arm(setting: Setting, arm: str, method: str, seed: int, judge: str, prox
             return {"error": f"evaluation failed: {out / 'logs' / f'{key}_seed{seed}_eval.log'}"}
         # the round checkpoints (policy, critic and their Adam states: about 6 GB a run) are not read again
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    if trained:
+        timing.write_text(f"{time.perf_counter() - started:.1f}\n")
     final = json.loads(report.read_text())["policies"]["final"]
-    return {**{key: final.get(key) for key in POLICY_METRICS}, "wall_seconds": time.perf_counter() - started}
+    wall_seconds = float(timing.read_text()) if timing.is_file() else None  # none for a run kept from before the record
+    return {**{key: final.get(key) for key in POLICY_METRICS}, "wall_seconds": wall_seconds}
 
 
 def summary_line(result: Dict[str, object]) -> str:
     """A run's result in a progress line."""
     if "error" in result:
         return str(result["error"])
-    return f"win {result['win_rate']:.3f} lose {result['lose_rate']:.3f} ({result['wall_seconds']:.0f} s)"
+    return f"win {result['win_rate']:.3f} lose {result['lose_rate']:.3f} ({fmt(result['wall_seconds'], 0)} s)"
 
 
 def net_wins(result: Dict[str, object]) -> Optional[float]:
