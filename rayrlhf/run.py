@@ -42,22 +42,14 @@ def format_table(history: List[Dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def stop_ray() -> None:
-    """Stop (or, under `ray job submit`, leave) the Ray this command started or joined, here rather than in exit
-    handlers: Ray's process reaper, finding its parent gone, signals the whole process group, which includes
-    whatever script started this command (launch() does not do it: Tune trials share it)."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     def job(config: RunConfig) -> None:
+        from rayrlhf.actors.placement import disconnect_ray  # imports Ray: only once the config has been checked
+
         try:
             history = launch(config)
         finally:
-            stop_ray()
+            disconnect_ray()
         print(format_table(history))
         print(f"run directory: {config.run_dir}")
 

@@ -96,7 +96,7 @@ def build_tuner(sweep: SweepConfig, base: RunConfig):
 def sweep_and_report(sweep: SweepConfig, base: RunConfig) -> None:
     # Every report checkpoints (so trials resume); Tune warns when that makes it snapshot its state often.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    from rayrlhf.actors.placement import connect_ray
+    from rayrlhf.actors.placement import connect_ray, disconnect_ray
 
     check_storage(sweep)
     ray = connect_ray()
@@ -104,10 +104,7 @@ def sweep_and_report(sweep: SweepConfig, base: RunConfig) -> None:
         check_fits(sweep, base, ray.cluster_resources())
         report_sweep(build_tuner(sweep, base).fit(), sweep, base)
     finally:
-        # Ray is stopped here rather than left to exit handlers: a CI run saw the test process that started this
-        # command receive SIGTERM as it ended, which is what Ray's process reaper sends to its whole process group
-        # when it finds its parent gone.
-        ray.shutdown()
+        disconnect_ray()
 
 
 def report_sweep(results, sweep: SweepConfig, base: RunConfig) -> None:

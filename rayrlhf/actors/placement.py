@@ -31,6 +31,17 @@ def connect_ray():
     return ray
 
 
+def disconnect_ray() -> None:
+    """Stop the Ray that connect_ray() started (or, under `ray job submit`, leave the cluster it joined).
+
+    A command calls this itself, in a `finally`, rather than leaving it to exit handlers: Ray's process reaper,
+    finding its parent gone, signals the whole process group, which includes whatever started the command (a CI
+    run saw pytest receive that SIGTERM). launch() does not call it: Tune trials share one Ray.
+    """
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def actor_count(resources: ResourcesConfig) -> int:
     return resources.rollout_workers + resources.reward_learner_ranks + resources.ppo_ranks
 
