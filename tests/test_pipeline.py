@@ -37,9 +37,10 @@ TIMING_SUFFIXES = ("_seconds", "_per_second")
 # runs the loop twice.
 TINY = ("conf/tiny.yaml", "rounds=4", "ppo.steps_per_round=4", "sft.steps=40", "sft.batch_size=16",
         "rollout.max_new_tokens=12")
-# The fault tests whose fault is not in generation: no vLLM start per run, and asynchronous rollouts, so that their
-# resumed runs ending as the uninterrupted one checks that mode too (the vLLM runs check the synchronous one).
-TINY_HF = (*TINY, "rollout.engine=hf", "rollout.asynchronous=true")
+# The fault tests whose fault is not in generation: no vLLM start per run, and asynchronous rollouts and group
+# invariant learning, so that their resumed runs ending as the uninterrupted one check that mode and GIL's group head
+# (a part of the critic, saved with it) too; the vLLM runs check the synchronous mode without GIL.
+TINY_HF = (*TINY, "rollout.engine=hf", "rollout.asynchronous=true", "ppo.group_invariant.enabled=true")
 
 
 def run_main(*args: str, env: dict = None, expect: int = 0) -> subprocess.CompletedProcess:
@@ -450,6 +451,23 @@ def test_the_run_leaves_no_engine_processes_or_shared_memory_and_logs_the_logpro
     mismatches = [step["logprob_mismatch"] for step in records(run_dir, "ppo")]
     assert len(mismatches) == 4 * 4 and all(0 <= m < 1e-3 for m in mismatches)  # fp32: engine and trainer agree
     assert "logprob_mismatch_warning" not in default_run[1].stderr  # under the default threshold: no warning
+
+
+def test_group_invariant_learning_on_the_embedded_default_logs_its_groups_every_step(hf_run):
+    """ppo.group_invariant on the embedded default: every PPO step logs two groups whose soft sizes add up to the
+    step's 32 sequences (16 prompts x 2), and the logged return variance is the size-weighted variance of the logged
+    group means, Σ_g (n_g/N)(R_g - R̄)², recomputed here; the round table has its column."""
+    steps = records(hf_run, "ppo")
+    assert len(steps) == 4 * 4
+    for step in steps:
+        sizes = [step["gil_group0_size"], step["gil_group1_size"]]
+        means = [step["gil_group0_return"], step["gil_group1_return"]]
+        assert sum(sizes) == pytest.approx(32, abs=1e-3) and min(sizes) > 0
+        overall = sum(n * r for n, r in zip(sizes, means)) / 32
+        variance = sum(n / 32 * (r - overall) ** 2 for n, r in zip(sizes, means))
+        assert step["gil_return_variance"] == pytest.approx(variance, rel=1e-4, abs=1e-9)
+        assert all(math.isfinite(step[f"gil_group{g}_kl"]) for g in (0, 1))
+    assert "gil_return_variance" in rounds_csv(hf_run)[0]
 
 
 def test_asynchronous_rollouts_are_one_update_behind_and_weighted(hf_run):
