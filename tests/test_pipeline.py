@@ -456,7 +456,7 @@ def test_the_run_leaves_no_engine_processes_or_shared_memory_and_logs_the_logpro
 def test_group_invariant_learning_on_the_embedded_default_logs_its_groups_every_step(hf_run):
     """ppo.group_invariant on the embedded default: every PPO step logs two groups whose soft sizes add up to the
     step's 32 sequences (16 prompts x 2), and the logged return variance is the size-weighted variance of the logged
-    group means, Σ_g (n_g/N)(R_g - R̄)², recomputed here; the round table has its column."""
+    group means, Σ_g (n_g/N)(R_g - R̄)², recomputed here; rounds.csv (the round table) has its column."""
     steps = records(hf_run, "ppo")
     assert len(steps) == 4 * 4
     for step in steps:
